@@ -1,0 +1,297 @@
+"""
+bench.py — the two speed/memory claims of model.py, each measured against its baseline in the same process.
+
+  OMP_WAIT_POLICY=PASSIVE python bench.py sampler      # model.generate vs transformers' generate, same weights, greedy:
+                                                       # tiny preset @ batch 64, a ~25M Llama @ batch 16 (CPU)
+  python bench.py sampler --device=cuda --sizes=qwen0.5b   # a 0.5B Qwen2 config in bf16, plus the memory-bandwidth
+                                                       # bound of a decode step
+  OMP_WAIT_POLICY=PASSIVE python bench.py fused        # fused_logprobs vs naive log_softmax+gather, forward+backward,
+                                                       # V=151,936, D=896, N=2048 and 8192: time and extra peak memory
+  python bench.py fused --device=cuda --dtype=bfloat16
+
+Sampler: greedy, fixed length (EOS ignored), the same batch of prompts of different lengths (left-padded for HF, as it
+needs), the greedy tokens of both checked identical. Both run alternately in one process, `repeats` times each, and the
+ratio of medians is what to quote: on a shared machine absolute numbers swing, ratios much less.
+
+Fused: extra peak memory = peak during forward+backward above what was held before, minus the weight's own gradient
+(V x D, both need it). On CPU peak RSS is reset through /proc/self/clear_refs and read back as VmHWM.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # steadier multi-thread timings on a shared CPU (DESIGN.md §7)
+import argparse
+import gc
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+
+import model as M
+
+# ---- sampler defaults (override with --name=value)
+SIZES = "tiny,25m,tiny-b4"  # which rows of the table to run (tiny, 25m, tiny-b4, qwen0.5b)
+DEVICE = "cpu"
+THREADS = 1               # torch CPU threads (1: on a shared 2-core machine a second thread mostly waits)
+REPEATS = 3               # alternating runs of each implementation
+HBM_GBPS = 0.0            # GPU memory bandwidth for the bound; 0 = guess from the device name
+SEED = 0
+
+# name: (config fields for a random Llama/Qwen2, batch, prompt length range, new tokens, dtype on GPU)
+PRESETS = {
+    "tiny": (dict(M.TINY_CONFIG), 64, (40, 80), 128),
+    # small batch, short prompts: the step is bound by per-op overhead, not by memory traffic
+    "tiny-b4": (dict(M.TINY_CONFIG), 4, (8, 16), 64),
+    "25m": (dict(vocab_size=8192, hidden_size=512, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=1536, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=0),
+            16, (32, 64), 64),
+    "qwen0.5b": (dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                      num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768, rope_theta=1e6,
+                      tie_word_embeddings=True, qkv_bias=True, architecture="Qwen2ForCausalLM", eos_token_id=0),
+                 64, (64, 128), 256),
+}
+KNOWN_BANDWIDTH_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L4": 300, "A10": 600, "4090": 1008}
+
+
+def build(name, device, dtype):
+    """Our model with random weights, and transformers' model loaded from what save() wrote (the same weights)."""
+    fields, batch, (shortest, longest), new_tokens = PRESETS[name]
+    torch.manual_seed(SEED)
+    model = M.Transformer(M.Config(**fields))
+    M.init_weights(model)
+    model = model.to(device=device, dtype=dtype).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        M.save(model, None, tmp + "/ck")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp + "/ck", dtype=dtype).to(device).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(SEED)
+    lengths = torch.randint(shortest, longest + 1, (batch,), generator=g).tolist()
+    prompts = [torch.randint(2, fields["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    return model, hf, prompts, new_tokens
+
+
+def run_ours(model, prompts, new_tokens):
+    samples = M.generate(model, prompts, new_tokens, temperature=0, eos_token_id=[])
+    return [s.tokens for s in samples]
+
+
+def run_hf(hf, prompts, new_tokens, device):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    return out[:, width:].tolist()
+
+
+def timed(fn, device):
+    """(result, wall seconds, CPU seconds of this process): on a shared CPU the second is the steadier of the two."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def bandwidth_bound(model, prompts, new_tokens, dtype, gbps):
+    """Upper bound on decode tokens/s: a step must read every weight once (the embedding table only through the
+    LM head) plus the KV cache of every row; at HBM bandwidth that takes bytes / bandwidth seconds per step."""
+    c = model.config
+    size = torch.finfo(dtype).bits // 8
+    weights = sum(p.numel() for p in model.parameters()) * size
+    if not c.tie_word_embeddings:
+        weights -= model.embed_tokens.weight.numel() * size
+    mean_length = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2
+    kv = 2 * c.num_hidden_layers * len(prompts) * c.num_key_value_heads * c.head_dim * mean_length * size
+    return len(prompts) / ((weights + kv) / (gbps * 1e9))
+
+
+def sampler_main(argv):
+    parser = argparse.ArgumentParser(prog="bench.py sampler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in [("sizes", SIZES), ("device", DEVICE), ("threads", THREADS), ("repeats", REPEATS),
+                       ("hbm_gbps", HBM_GBPS)]:
+        parser.add_argument(f"--{key}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    print(json.dumps(vars(args)))
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    rows = []
+    for name in args.sizes.split(","):
+        model, hf, prompts, new_tokens = build(name, args.device, dtype)
+        params = sum(p.numel() for p in model.parameters())
+        run_ours(model, prompts, 4), run_hf(hf, prompts, 4, args.device)  # warm-up
+        ours_times, hf_times, ours_cpu, hf_cpu = [], [], [], []
+        for _ in range(args.repeats):
+            ours, t, c = timed(lambda: run_ours(model, prompts, new_tokens), args.device)
+            ours_times.append(t), ours_cpu.append(c)
+            theirs, t, c = timed(lambda: run_hf(hf, prompts, new_tokens, args.device), args.device)
+            hf_times.append(t), hf_cpu.append(c)
+            if ours != theirs:
+                same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (len(prompts) * new_tokens)
+                print(f"  WARNING {name}: greedy tokens differ ({same:.1%} identical)")
+        tokens = len(prompts) * new_tokens
+        ours_tps, hf_tps = tokens / statistics.median(ours_times), tokens / statistics.median(hf_times)
+        row = dict(size=name, params_m=round(params / 1e6, 2), batch=len(prompts), new_tokens=new_tokens,
+                   device=args.device, ours_tok_s=round(ours_tps), hf_tok_s=round(hf_tps),
+                   ratio=round(ours_tps / hf_tps, 2),
+                   cpu_time_ratio=round(statistics.median(hf_cpu) / statistics.median(ours_cpu), 2),
+                   identical=ours == theirs)
+        if args.device != "cpu":
+            device_name = torch.cuda.get_device_name()
+            gbps = args.hbm_gbps or next((v for k, v in KNOWN_BANDWIDTH_GBPS.items() if k in device_name), 0)
+            if gbps:
+                bound = bandwidth_bound(model, prompts, new_tokens, dtype, gbps)
+                row.update(gpu=device_name, bound_tok_s=round(bound), of_bound=round(ours_tps / bound, 2))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print("\n| size | params | batch | new tokens | device | ours tok/s | HF tok/s | ratio (wall) | ratio (CPU time) "
+          "| identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['params_m']}M | {r['batch']} | {r['new_tokens']} | {r['device']} | {r['ours_tok_s']} "
+              f"| {r['hf_tok_s']} | {r['ratio']}x | {r['cpu_time_ratio']}x | {r['identical']} |")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fused log-prob kernel vs the naive computation.
+
+# benchmark defaults (Qwen2.5-0.5B's vocabulary and width); override e.g. --rows=2048,8192
+FUSED_VOCAB = 151_936
+FUSED_WIDTH = 896
+FUSED_ROWS = "2048,8192"
+FUSED_REPEATS = 3  # naive and fused alternate this many times per row count (times are medians)
+FUSED_THREADS = 2
+FUSED_DEVICE = "cpu"  # "cuda" runs the same comparison with bf16 inputs and torch.cuda.max_memory_allocated
+FUSED_DTYPE = "float32"  # cuda: bfloat16 is the interesting case
+
+
+def naive_logprobs(hidden, weight, targets, temperature=1.0):
+    """The reference: full logits, log-softmax in fp32, gather (what a trainer usually writes)."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def _rss_bytes(field):
+    kib = re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)
+    return int(kib) * 1024
+
+
+class PeakMemory:
+    """Extra peak memory of a block: exact on CPU via the kernel's resettable RSS high-water mark
+    (writing 5 to /proc/self/clear_refs resets VmHWM), torch.cuda.max_memory_allocated on CUDA."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _rss_bytes("VmRSS")
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.start
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.seconds = time.perf_counter() - self.start
+            self.extra = _rss_bytes("VmHWM") - self.base
+
+
+def bench_one(function, hidden, weight, targets, upstream, device):
+    hidden.grad = weight.grad = None
+    with PeakMemory(device) as measured:
+        values = function(hidden, weight, targets)
+        values.backward(upstream)
+    measured.result = values.detach()
+    return measured
+
+
+def fused_bench(args):
+    torch.set_num_threads(args.threads)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    GB = 2**30
+    print(f"V={args.vocab} D={args.width} device={device} dtype={args.dtype} chunk_size={args.chunk_size} "
+          f"threads={args.threads} repeats={args.repeats}")
+    print("extra peak = peak memory during forward+backward above what was held before, minus the weight's own")
+    print("gradient (V x D, both need it). Times are medians; naive and fused alternate.")
+    header = f"{'N':>6} | {'naive s':>8} {'fused s':>8} {'time ratio':>10} | {'naive extra GB':>14} {'fused extra GB':>14} {'mem ratio':>9} | {'max |dlogp|':>11} {'max |dW|':>9} {'max |dh|':>9}"
+    print(header)
+    print("-" * len(header))
+    fused = lambda h, w, t: M.fused_logprobs(h, w, t, chunk_size=args.chunk_size)
+    for num_rows in [int(n) for n in args.rows.split(",")]:
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(num_rows, args.width, generator=generator).to(device, dtype).requires_grad_()
+        weight = (0.02 * torch.randn(args.vocab, args.width, generator=generator)).to(device, dtype).requires_grad_()
+        targets = torch.randint(args.vocab, (num_rows,), generator=generator).to(device)
+        upstream = torch.randn(num_rows, generator=generator).to(device)
+        grad_bytes = weight.numel() * weight.element_size()
+        # naive's peak holds ~2.5 N x V fp32 tensors (measured); skip it where that would not fit
+        naive_need = int(2.5 * num_rows * args.vocab * 4) + grad_bytes
+        if device == "cpu":
+            available = int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024
+        else:
+            available = torch.cuda.mem_get_info()[0]
+        run_naive = naive_need < 0.8 * available
+        runs = {"naive": [], "fused": []}
+        for repeat in range(args.repeats):
+            for name, function in (("naive", naive_logprobs), ("fused", fused)):
+                if name == "naive" and not run_naive:
+                    continue
+                measured = bench_one(function, hidden, weight, targets, upstream, device)
+                runs[name].append(measured)
+                if repeat == 0:
+                    runs[name + "_result"] = (measured.result, hidden.grad.clone(), weight.grad.clone())
+        fused_s = statistics.median(m.seconds for m in runs["fused"])
+        fused_extra = max(m.extra for m in runs["fused"]) - grad_bytes
+        if not run_naive:
+            print(f"{num_rows:>6} | {'skipped':>8} {fused_s:8.2f} {'':>10} | {'~' + format(naive_need / GB, '.1f'):>14} "
+                  f"{fused_extra / GB:14.3f} {'':>9} | naive needs ~{naive_need / GB:.0f} GB, {available / GB:.0f} GB free")
+            continue
+        naive_s = statistics.median(m.seconds for m in runs["naive"])
+        naive_extra = max(m.extra for m in runs["naive"]) - grad_bytes
+        (v0, h0, w0), (v1, h1, w1) = runs["naive_result"], runs["fused_result"]
+        print(f"{num_rows:>6} | {naive_s:8.2f} {fused_s:8.2f} {fused_s / naive_s:10.2f} | {naive_extra / GB:14.3f} "
+              f"{fused_extra / GB:14.3f} {naive_extra / fused_extra:9.1f} | {(v0 - v1).abs().max():11.1e} "
+              f"{(w0 - w1).abs().max():9.1e} {(h0 - h1).abs().max():9.1e}")
+        del runs
+        del hidden, weight, targets, upstream
+
+
+def fused_main(argv):
+    parser = argparse.ArgumentParser(prog="bench.py fused", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=FUSED_VOCAB)
+    parser.add_argument("--width", type=int, default=FUSED_WIDTH)
+    parser.add_argument("--rows", default=FUSED_ROWS, help="comma-separated row counts N")
+    parser.add_argument("--chunk_size", type=int, default=M.CHUNK_SIZE)
+    parser.add_argument("--repeats", type=int, default=FUSED_REPEATS)
+    parser.add_argument("--threads", type=int, default=FUSED_THREADS)
+    parser.add_argument("--device", default=FUSED_DEVICE)
+    parser.add_argument("--dtype", default=FUSED_DTYPE)
+    args = parser.parse_args(argv)
+    fused_bench(args)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else ""
+    if which not in ("sampler", "fused"):
+        sys.exit(__doc__ + "\nusage: python bench.py {sampler|fused} [--name=value ...]")
+    (sampler_main if which == "sampler" else fused_main)(sys.argv[2:])

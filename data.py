@@ -1,0 +1,449 @@
+"""
+The data every stage shares: the embedded arithmetic task, its teacher solutions, the prompts of
+the three modes, and the JSONL plumbing (reading queries, resumable appends, atomic writes).
+
+The embedded task has to recreate, at toy scale, the situation the paper starts from: a model
+that can solve problems both ways when told to, where plain reasoning is reliable on some problems
+(easy: code is a wasted call) and hopeless on others (hard: only code gets them right). A tiny
+character-level model trained for a few minutes can add two 2-digit numbers digit by digit and
+do one-digit products in its head, but it cannot multiply 3-digit by 2-digit numbers or carry a
+running total through four 3-digit steps. Copying numbers into `print(...)`, however, is easy at
+every difficulty, so forced code is right everywhere. See DESIGN.md section 5.
+
+    python data.py --split=train --n=2000 --out=queries.jsonl    # write queries
+    python data.py --show                                        # one example per family and style
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+
+# -----------------------------------------------------------------------------
+# defaults of the command line (python data.py --name=value)
+split = "train"   # "train" or "test": the two splits never share a set of operands
+n = 2000          # number of queries to write
+seed = 0          # generator seed; the same (n, split, seed) always gives the same problems
+out = ""          # output JSONL (queries: id, problem, answer, family, difficulty); empty = print
+show = False      # print one problem of each family with both teacher solutions, then exit
+# -----------------------------------------------------------------------------
+
+# The families, easy first. The mix (3:2:1:1) gives the digit-level CoT of the easy families the
+# most practice, since that is what a tiny model learns last; the hard families only need enough
+# examples to learn to copy their numbers into a program.
+FAMILIES = ("add_sub", "mul_add", "mul", "chain")
+EASY_FAMILIES = ("add_sub", "mul_add")
+HARD_FAMILIES = ("mul", "chain")
+FAMILY_WEIGHTS = {"add_sub": 3, "mul_add": 2, "mul": 1, "chain": 1}
+
+# Share of operand sets that belong to the test split. A problem's split is a hash of its family
+# and its sorted numbers, so "23 + 45" and "45 - 23" fall in the same split: test numbers are
+# never seen in training, whatever the wording or the operator.
+TEST_PERCENT = 20
+
+# Short word problems (45-80 characters): a tiny model spends its capacity on arithmetic, not
+# on reading. Several wordings per family so the model must find the numbers, not a position.
+TEMPLATES = {
+    "add": [
+        "Ann has {a} shells and finds {b} more. How many shells now?",
+        "A shelf holds {a} books and {b} more are added. How many books?",
+        "A farm has {a} hens and buys {b} more. How many hens in all?",
+    ],
+    "sub": [
+        "Ben had {a} coins and spent {b}. How many coins are left?",
+        "A bus carries {a} people and {b} get off. How many remain?",
+        "A tree had {a} apples and {b} fell. How many apples are left?",
+    ],
+    "mul_add": [
+        "A box has {a} rows of {b} eggs and {c} loose eggs. How many eggs?",
+        "{a} bags hold {b} marbles each, plus {c} extra. How many marbles?",
+        "Sam reads for {a} days, {b} pages a day, then {c} more. Total pages?",
+    ],
+    "mul": [
+        "A farm has {a} fields with {b} plants each. How many plants?",
+        "A shop sells {a} boxes of {b} pins. How many pins in all?",
+        "There are {a} crates of {b} cans. How many cans are there?",
+    ],
+    "chain": [
+        "Start at {a}, {s1} {b}, {s2} {c}, {s3} {d}, {s4} {e}. Result?",
+        "Take {a}, {s1} {b}, {s2} {c}, {s3} {d}, {s4} {e}. What is left?",
+    ],
+}
+
+
+def _split_of(family, numbers):
+    """'train' or 'test' for a family and its operands, from a stable hash (not Python's hash(),
+    which is salted per process)."""
+    key = family + ":" + ",".join(str(x) for x in sorted(numbers))
+    bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
+    return "test" if bucket < TEST_PERCENT else "train"
+
+
+def _draw(family, rng):
+    """Random operands of one problem of a family: (numbers, problem text, answer as int,
+    python expression for the teacher's program)."""
+    if family == "add_sub":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if rng.random() < 0.5:
+            text = rng.choice(TEMPLATES["add"]).format(a=a, b=b)
+            return (a, b), text, a + b, f"{a} + {b}"
+        a, b = max(a, b), min(a, b)  # answers stay non-negative in the story
+        text = rng.choice(TEMPLATES["sub"]).format(a=a, b=b)
+        return (a, b), text, a - b, f"{a} - {b}"
+    if family == "mul_add":
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(10, 99)
+        text = rng.choice(TEMPLATES["mul_add"]).format(a=a, b=b, c=c)
+        return (a, b, c), text, a * b + c, f"{a} * {b} + {c}"
+    if family == "mul":
+        a, b = rng.randint(100, 999), rng.randint(10, 99)
+        text = rng.choice(TEMPLATES["mul"]).format(a=a, b=b)
+        return (a, b), text, a * b, f"{a} * {b}"
+    if family == "chain":
+        # Independent random signs: alternating ones were a shortcut the model latched onto.
+        numbers = tuple(rng.randint(100, 999) for _ in range(5))
+        signs = [rng.choice("+-") for _ in range(4)]
+        words = {f"s{i + 1}": ("add" if s == "+" else "subtract") for i, s in enumerate(signs)}
+        text = rng.choice(TEMPLATES["chain"]).format(**words, **dict(zip("abcde", numbers)))
+        expression = str(numbers[0]) + "".join(f" {s} {x}" for s, x in zip(signs, numbers[1:]))
+        return numbers, text, eval(expression), expression
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def make_problems(n, split, seed=0):
+    """n problems of the embedded task from one split, deterministic in (n, split, seed).
+    Families are interleaved in the 3:2:1:1 mix. Within a call, problems are distinct while the
+    family's split still has unseen operands (add_sub has ~10k); past that, repeats are allowed so
+    that a long warm start can draw as many as it needs."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"tocode-{split}-{seed}")
+    cycle = [f for f in FAMILIES for _ in range(FAMILY_WEIGHTS[f])]
+    seen = set()
+    records = []
+    for i in range(n):
+        family = cycle[i % len(cycle)]
+        for attempt in range(50):
+            numbers, problem, answer, expression = _draw(family, rng)
+            if _split_of(family, numbers) != split:
+                continue
+            if (family, problem) not in seen or attempt >= 40:
+                break
+        seen.add((family, problem))
+        records.append({
+            "id": f"{split}-{seed}-{i}",
+            "problem": problem,
+            "answer": str(answer),
+            "family": family,
+            "difficulty": "easy" if family in EASY_FAMILIES else "hard",
+            "expression": expression,
+        })
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Teacher solutions. CoT writes every intermediate result a person would write on paper; the
+# digit-level steps of add_sub are what lets a tiny model be right: one single-digit operation
+# per line, the carry or borrow spelled out.
+
+def _cot_add_sub(a, b, op):
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    if op == "+":
+        ones = a0 + b0
+        carry = ones // 10
+        lines = [f"ones: {a0} + {b0} = {ones}" + (", carry 1" if carry else "")]
+        tens = a1 + b1 + carry
+        lines.append(f"tens: {a1} + {b1}" + (" + 1" if carry else "") + f" = {tens}")
+        result = tens * 10 + ones % 10
+    else:
+        borrow = 1 if a0 < b0 else 0
+        ones = a0 + 10 * borrow - b0
+        lines = [f"ones: {a0 + 10 * borrow} - {b0} = {ones}" + (", borrow 1" if borrow else "")]
+        tens = a1 - b1 - borrow
+        lines.append(f"tens: {a1} - {b1}" + (" - 1" if borrow else "") + f" = {tens}")
+        result = tens * 10 + ones
+    lines.append(f"result: {result}")
+    return lines, result
+
+
+def _cot_lines(record):
+    """The intermediate steps of the CoT solution of a record, parsed back from its expression."""
+    family, tokens = record["family"], record["expression"].split()
+    if family == "add_sub":
+        lines, _ = _cot_add_sub(int(tokens[0]), int(tokens[2]), tokens[1])
+        return lines
+    if family == "mul_add":
+        a, b, c = int(tokens[0]), int(tokens[2]), int(tokens[4])
+        return [f"{a} * {b} = {a * b}", f"{a * b} + {c} = {a * b + c}"]
+    if family == "mul":
+        # Partial products, one per digit of the 2-digit factor, then their sum.
+        a, b = int(tokens[0]), int(tokens[2])
+        ones, tens = a * (b % 10), a * (b // 10 * 10)
+        return [f"{a} * {b % 10} = {ones}", f"{a} * {b // 10 * 10} = {tens}",
+                f"{ones} + {tens} = {ones + tens}"]
+    if family == "chain":
+        total, lines = int(tokens[0]), []
+        for sign, x in zip(tokens[1::2], tokens[2::2]):
+            new = total + int(x) if sign == "+" else total - int(x)
+            lines.append(f"{total} {sign} {x} = {new}")
+            total = new
+        return lines
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _expression_of(record):
+    if "expression" in record:
+        return record["expression"]
+    raise ValueError(f"record {record.get('id')!r} has no 'expression': teacher solutions exist "
+                     "only for problems made by make_problems")
+
+
+def teacher_solution(record, style):
+    """The response a teacher writes for a record: "cot" (steps, then \\boxed{}) or "code" (a
+    program, the tool output exactly as the sampler injects it, then \\boxed{}). No EOS."""
+    answer = record["answer"]
+    if style == "cot":
+        _expression_of(record)
+        return "\n".join(_cot_lines(record)) + f"\n\\boxed{{{answer}}}"
+    if style == "code":
+        from model import TOOL_TRIGGER, tool_injection  # lazy: writing queries needs no torch
+        # The output block is what sandbox.format_output gives for this program: its stdout with
+        # trailing whitespace stripped, i.e. str() of the printed integer. Computing it here rather
+        # than running the sandbox keeps teacher data free of subprocesses; tests check they agree.
+        output = str(eval(_expression_of(record)))
+        program = f"```python\nprint({record['expression']})\n```\n"
+        return program + TOOL_TRIGGER + tool_injection(output) + f"\\boxed{{{answer}}}"
+    raise ValueError(f"style must be 'cot' or 'code', got {style!r}")
+
+
+# -----------------------------------------------------------------------------
+# Prompts of the three modes. Real (chat) models get Qwen2.5-Math's own instructions as the
+# system message, so a Qwen2.5-Math-Instruct checkpoint is guided exactly as it was trained; the
+# autonomous mode names no method, so the choice is the model's.
+
+MODES = ("code", "cot", "auto")
+INSTRUCTIONS = {
+    "code": "Please integrate natural language reasoning with programs to solve the problem above, "
+            "and put your final answer within \\boxed{}.",
+    "cot": "Please reason step by step, and put your final answer within \\boxed{}.",
+    "auto": "Please solve the problem above, and put your final answer within \\boxed{}.",
+}
+# The tiny character-level model has no chat template: a short line after the problem names the
+# mode (short, because every prompt character costs context and attention on a 2-core CPU).
+TINY_TEMPLATES = {
+    "code": "{problem}\nUse code.\n",
+    "cot": "{problem}\nThink step by step.\n",
+    "auto": "{problem}\nSolve.\n",
+}
+
+
+def make_prompt(tokenizer, problem, mode):
+    """The prompt text of a problem in a mode ("code", "cot", "auto"); the response follows it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not getattr(tokenizer, "chat_template", None):
+        return TINY_TEMPLATES[mode].format(problem=problem)
+    messages = [{"role": "system", "content": INSTRUCTIONS[mode]},
+                {"role": "user", "content": problem}]
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:
+        # Some templates (e.g. Gemma's) refuse a system role: put the instruction in the user turn.
+        messages = [{"role": "user", "content": problem + "\n" + INSTRUCTIONS[mode]}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, problem, mode):
+    return tokenizer.encode(make_prompt(tokenizer, problem, mode), add_special_tokens=False)
+
+
+def tokenize_response(tokenizer, text):
+    """Token ids of a response as the sampler would have produced them, and a mask (1 = written by
+    the model, 0 = injected tool output). The model writes up to and including the trigger
+    "```output"; the sampler then injects tool_injection(output) = "\\n" + output + "\\n```\\n" as
+    separately encoded tokens. Each piece is encoded on its own, so token boundaries never cross
+    an injection. An injection cut short (length limit) is masked to the end. No EOS appended."""
+    from model import TOOL_TRIGGER
+    closing = "\n```\n"
+    ids, trainable = [], []
+
+    def add(piece, flag):
+        if piece:
+            piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+            ids.extend(piece_ids)
+            trainable.extend([flag] * len(piece_ids))
+
+    position = 0
+    while True:
+        trigger = text.find(TOOL_TRIGGER, position)
+        if trigger < 0:
+            add(text[position:], 1)
+            return ids, trainable
+        model_end = trigger + len(TOOL_TRIGGER)
+        add(text[position:model_end], 1)
+        end = text.find(closing, model_end + 1)  # +1: the output starts after the first "\n"
+        injected_end = len(text) if end < 0 else end + len(closing)
+        add(text[model_end:injected_end], 0)
+        position = injected_end
+
+
+# -----------------------------------------------------------------------------
+# JSONL plumbing shared by every stage.
+
+def read_jsonl(path):
+    """All records of a JSONL file (blank lines skipped). A malformed line is an error that names
+    the file and the line, never a silently shorter data set."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got "
+                                 f"{type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def read_queries(path):
+    """Queries in the common formats: the text from `problem` or `question`; the gold from
+    `answer`, a `solution` holding \\boxed{...}, or a GSM8K answer ending in "#### N". Every other
+    field (family, level, type, ...) is kept; a missing id becomes the line number."""
+    from evaluate import extract_answer  # lazy: evaluate.py may import this module
+    queries = []
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    for line_number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object")
+        problem = record.get("problem", record.get("question"))
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{path}:{line_number}: no 'problem' or 'question' text")
+        answer = record.get("answer")
+        if isinstance(answer, str) and "####" in answer:
+            answer = extract_answer(answer)  # GSM8K: worked solution, then "#### 72"
+        if answer is None and isinstance(record.get("solution"), str):
+            answer = extract_answer(record["solution"])  # MATH: the last \boxed{} of the solution
+        if answer is None or str(answer).strip() == "":
+            raise ValueError(f"{path}:{line_number}: no gold answer ('answer', a 'solution' with "
+                             "\\boxed{...}, or a '#### N' line)")
+        queries.append({**record, "id": str(record.get("id", line_number)),
+                        "problem": problem, "answer": str(answer).strip()})
+    return queries
+
+
+class JsonlAppender:
+    """Append-only JSONL output that survives being killed: on opening, the ids already written are
+    collected in .done_ids (a stage skips them), and a last line cut short by a kill is removed
+    (or completed, if only its newline was lost). Each .write() is one flushed line."""
+
+    def __init__(self, path):
+        self.path = path
+        self.done_ids = set()
+        if os.path.exists(path):
+            self._repair_and_collect()
+        self.file = open(path, "a", encoding="utf-8")
+
+    def _repair_and_collect(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        complete_end = data.rfind(b"\n") + 1  # everything up to the last newline is complete
+        tail = data[complete_end:]
+        if tail.strip():
+            try:
+                json.loads(tail)
+                complete_end = len(data)  # only the newline was lost: keep the record
+                data += b"\n"
+            except json.JSONDecodeError:
+                data = data[:complete_end]  # a half-written record: drop it, it will be redone
+        elif tail:
+            data = data[:complete_end]
+        with open(self.path, "r+b") as f:
+            f.truncate(complete_end)
+            f.seek(complete_end)
+            f.write(data[complete_end:])
+        for line_number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                self.done_ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{self.path}:{line_number}: malformed record (not JSON with an "
+                                 "'id'); remove the line or the file to start over") from None
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.done_ids.add(str(record["id"]))
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def finalize(partial_path, final_path):
+    """A stage writes OUT.partial while it runs and renames it to OUT when complete: a complete
+    OUT always means the stage is done (a rename is atomic on one filesystem)."""
+    os.replace(partial_path, final_path)
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="Write queries of the embedded arithmetic task.")
+    parser.add_argument("--split", default=split, choices=("train", "test"))
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--show", action="store_true", default=show)
+    args = parser.parse_args()
+    print(json.dumps(vars(args)))
+
+    if args.show:
+        for family in FAMILIES:
+            record = next(r for r in make_problems(len(FAMILIES) * 2, args.split, args.seed)
+                          if r["family"] == family)
+            print(f"=== {family} ({record['difficulty']}) ===\n{record['problem']}  ->  "
+                  f"{record['answer']}")
+            for style in ("cot", "code"):
+                print(f"--- {style} ---\n{teacher_solution(record, style)}")
+        return
+
+    records = make_problems(args.n, args.split, args.seed)
+    if not args.out:
+        for record in records:
+            print(json.dumps(record))
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    finalize(tmp, args.out)
+    counts = {f: sum(r["family"] == f for r in records) for f in FAMILIES}
+    print(f"wrote {len(records)} {args.split} queries to {args.out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

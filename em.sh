@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# em.sh: the whole EM loop of tocode as chained stages (DESIGN.md sections 1-2).
+#
+#   warm start ─▶ evaluate (iteration 0)
+#   for i in 1..ITERS:  explore ─▶ synthesize ─▶ train (M-step) ─▶ evaluate      under runs/$NAME/iter_$i/
+#   runs/$NAME/summary.json + a table, one row per evaluated checkpoint
+#
+# Every stage writes its output under a temporary name and renames it when complete, so a complete
+# output means a finished stage: rerunning after a kill skips what is done, and the interrupted stage
+# resumes its own partial file (explore, evaluate) or starts over (train, a few minutes at most).
+#
+#   bash em.sh                                 # the embedded default on a CPU, ~15 minutes
+#   STRATEGY=rl bash em.sh                     # the paper's RL-only ablation (run name demo-rl)
+#   NAME=qwen MODEL=path/to/Qwen2.5-Math-1.5B-Instruct QUERIES=train.jsonl TEST=test.jsonl \
+#     N_QUERIES=7000 K=8 MAX_NEW_TOKENS=1024 bash em.sh       # a real checkpoint on a GPU
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ----------------------------------------------------------------------------- knobs
+STRATEGY=${STRATEGY:-em}        # em: the paper | rl: RL-only ablation (all rollouts native) | sft: SFT-only ablation
+NAME=${NAME:-$([ "$STRATEGY" = em ] && echo demo || echo "demo-$STRATEGY")}  # everything goes to $RUNS/$NAME/
+RUNS=${RUNS:-runs}              # parent dir of the runs
+MODEL=${MODEL:-}                # starting checkpoint (HF dir); empty = warm start of the tiny preset (python train.py)
+QUERIES=${QUERIES:-}            # training queries JSONL; empty = the embedded task's train split (python data.py)
+TEST=${TEST:-}                  # test queries JSONL; empty = the embedded task's test split
+ITERS=${ITERS:-2}               # EM iterations (paper: 2-3)
+N_QUERIES=${N_QUERIES:-300}     # queries per iteration: a fresh slice of QUERIES each iteration (paper: ~7K)
+N_TEST=${N_TEST:-400}           # test problems when TEST is generated
+K=${K:-4}                       # rollouts per query per mode (paper: 5 or 8); STRATEGY=rl draws 3K native ones
+FORM=${FORM:-tempered}          # reference strategy s*: posterior | tempered | argmax
+EPOCHS=${EPOCHS:-2}             # M-step passes over the synthesized records
+LR=${LR:-1e-4}                  # M-step peak learning rate
+SFT_WEIGHT=${SFT_WEIGHT:-$([ "$STRATEGY" = rl ] && echo 0 || echo 0.5)}  # λ; RL-only has no D_s*, so no λ term
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-192}   # per response, tool output included (explore and evaluate)
+WARMSTART_ARGS=${WARMSTART_ARGS:-}      # extra flags for each stage, e.g. EXPLORE_ARGS="--temperature=0.8"
+EXPLORE_ARGS=${EXPLORE_ARGS:-}
+SYNTHESIZE_ARGS=${SYNTHESIZE_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}
+EVALUATE_ARGS=${EVALUATE_ARGS:-}
+PYTHON=${PYTHON:-python}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # steadier on a shared CPU
+# -----------------------------------------------------------------------------
+
+case $STRATEGY in em|rl|sft) ;; *) echo "em.sh: STRATEGY must be em, rl or sft, not '$STRATEGY'" >&2; exit 2;; esac
+RUN=$RUNS/$NAME
+mkdir -p "$RUN"
+START=$SECONDS
+echo "em.sh: STRATEGY=$STRATEGY NAME=$NAME MODEL=${MODEL:-<warm start>} QUERIES=${QUERIES:-<generated>}" \
+     "TEST=${TEST:-<generated>} ITERS=$ITERS N_QUERIES=$N_QUERIES N_TEST=$N_TEST K=$K FORM=$FORM EPOCHS=$EPOCHS LR=$LR" \
+     "SFT_WEIGHT=$SFT_WEIGHT MAX_NEW_TOKENS=$MAX_NEW_TOKENS WARMSTART_ARGS='$WARMSTART_ARGS' EXPLORE_ARGS='$EXPLORE_ARGS'" \
+     "SYNTHESIZE_ARGS='$SYNTHESIZE_ARGS' TRAIN_ARGS='$TRAIN_ARGS' EVALUATE_ARGS='$EVALUATE_ARGS'" | tee -a "$RUN/knobs.txt"
+
+# stage LABEL OUTPUT COMMAND...: run COMMAND unless OUTPUT exists (the stage then finished before).
+stage() {
+    local label=$1 output=$2; shift 2
+    if [ -e "$output" ]; then
+        echo "== $label: done ($output)"
+        return
+    fi
+    echo "== $label: $*"
+    local t0=$SECONDS
+    "$@"
+    echo "== $label: $((SECONDS - t0)) s" | tee -a "$RUN/times.txt"
+}
+
+# The data. Training queries use seed 1: the warm start drew its problems with seed 0.
+if [ -z "$QUERIES" ]; then
+    QUERIES=$RUN/queries.jsonl
+    stage "queries" "$QUERIES" $PYTHON data.py --split=train --seed=1 --n=$((ITERS * N_QUERIES)) --out="$QUERIES"
+fi
+if [ -z "$TEST" ]; then
+    TEST=$RUN/test.jsonl
+    stage "test queries" "$TEST" $PYTHON data.py --split=test --seed=0 --n="$N_TEST" --out="$TEST"
+fi
+
+# Iteration 0: the starting checkpoint.
+mkdir -p "$RUN/iter_0"
+if [ -z "$MODEL" ]; then
+    MODEL=$RUN/iter_0/model
+    stage "warm start" "$MODEL/config.json" $PYTHON train.py --out="$MODEL" $WARMSTART_ARGS
+fi
+stage "evaluate 0" "$RUN/iter_0/eval/summary.json" \
+    $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$RUN/iter_0/eval" \
+    --max_new_tokens="$MAX_NEW_TOKENS" $EVALUATE_ARGS
+
+# take_queries I OUT: the I-th slice of N_QUERIES lines of QUERIES (wrapping around a short file).
+take_queries() {
+    local lines
+    lines=$(grep -c . "$QUERIES")
+    awk -v start=$((($1 - 1) * N_QUERIES)) -v n="$N_QUERIES" -v total="$lines" '
+        NF { i = (NR - 1 - start) % total; if (i < 0) i += total; if (i < n) print }' "$QUERIES" > "$2.partial"
+    mv "$2.partial" "$2"
+}
+
+if [ "$STRATEGY" = rl ]; then
+    EXPLORE_MODES=(--modes=auto --k=$((3 * K)))   # the same number of rollouts per query, all native
+else
+    EXPLORE_MODES=(--modes=code,cot,auto --k="$K")
+fi
+TRAIN_MODE=$([ "$STRATEGY" = sft ] && echo sft || echo rl)
+
+for ((i = 1; i <= ITERS; i++)); do
+    DIR=$RUN/iter_$i
+    mkdir -p "$DIR"
+    stage "queries $i" "$DIR/queries.jsonl" take_queries "$i" "$DIR/queries.jsonl"
+    # E-step: explore with the current model, then the reference strategy and the training records.
+    stage "explore $i" "$DIR/rollouts.jsonl" \
+        $PYTHON explore.py --model="$MODEL" --queries="$DIR/queries.jsonl" --out="$DIR/rollouts.jsonl" \
+        "${EXPLORE_MODES[@]}" --max_new_tokens="$MAX_NEW_TOKENS" --seed="$i" $EXPLORE_ARGS
+    stage "synthesize $i" "$DIR/train.jsonl" \
+        $PYTHON synthesize.py --rollouts="$DIR/rollouts.jsonl" --out="$DIR/train.jsonl" --strategy="$STRATEGY" \
+        --form="$FORM" --seed="$i" $SYNTHESIZE_ARGS
+    # M-step: from the current model, on the records.
+    stage "train $i" "$DIR/model/config.json" \
+        $PYTHON train.py --mode="$TRAIN_MODE" --init="$MODEL" --data="$DIR/train.jsonl" --out="$DIR/model" \
+        --epochs="$EPOCHS" --finetune_lr="$LR" --sft_weight="$SFT_WEIGHT" --seed="$i" $TRAIN_ARGS
+    MODEL=$DIR/model
+    stage "evaluate $i" "$DIR/eval/summary.json" \
+        $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$DIR/eval" \
+        --max_new_tokens="$MAX_NEW_TOKENS" $EVALUATE_ARGS
+done
+
+# runs/$NAME/summary.json: one object per evaluated checkpoint, and the table.
+$PYTHON - "$RUN" "$ITERS" <<'EOF'
+import json, os, sys
+from data import EASY_FAMILIES, HARD_FAMILIES, write_json_atomic
+
+run, iters = sys.argv[1], int(sys.argv[2])
+rows = []
+for i in range(iters + 1):
+    path = os.path.join(run, f"iter_{i}", "eval", "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows.append({"iteration": i, **json.load(f)})
+write_json_atomic(os.path.join(run, "summary.json"), rows)
+
+def pct(x):
+    return "   -" if x is None else f"{100 * x:4.0f}"
+
+def code_rate(by_family, families):
+    """Code rate over the problems of these families (weighted by their counts)."""
+    cells = [by_family[f] for f in families if f in by_family]
+    n = sum(c["n"] for c in cells)
+    return sum(c["code_rate"] * c["n"] for c in cells) / n if n else None
+
+families = sorted({f for r in rows for f in r.get("auto", {}).get("by_family", {})})
+print(f"\n{run}: accuracy and code use (%) on the test split, greedy")
+print("iter   auto  code   cot  select | auto code rate: easy  hard | " + " ".join(f"{f:>8}" for f in families))
+for r in rows:
+    auto, by_family = r.get("auto", {}), r.get("auto", {}).get("by_family", {})
+    print(f"{r['iteration']:>4}  {pct(auto.get('accuracy'))}  {pct(r.get('code', {}).get('accuracy'))}  "
+          f"{pct(r.get('cot', {}).get('accuracy'))}    {pct(auto.get('selection_accuracy'))} |"
+          f"                  {pct(code_rate(by_family, EASY_FAMILIES))}  {pct(code_rate(by_family, HARD_FAMILIES))} | "
+          + " ".join(f"{pct(by_family[f]['code_rate']):>8}" if f in by_family else "       -" for f in families))
+print(f"wrote {os.path.join(run, 'summary.json')}")
+EOF
+echo "em.sh: finished in $((SECONDS - START)) s (this invocation)"

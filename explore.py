@@ -1,0 +1,330 @@
+"""
+The E-step, part 1: self-exploration.
+
+The model cannot learn when to code from its own unguided samples alone: a model that seldom codes
+unprompted seldom finds out where code would have helped. So for every query x we draw rollouts of
+three kinds (DESIGN.md §1):
+
+    K guided to code   y ~ π(·|x, code)   the samples behind Q(x, code) = E[r(y)]
+    K guided to CoT    y ~ π(·|x, cot)    the samples behind Q(x, cot)
+    K native           y ~ π(·|x)         the samples behind π(c|x), the model's own propensity
+
+Each rollout is generated with the sandbox as the tool (code runs mid-generation), graded against
+the gold answer, and written as one JSONL record; synthesize.py turns them into training data.
+
+    python explore.py --model=DIR --queries=FILE --out=rollouts.jsonl [--k=4] [--modes=code,cot,auto]
+           [--temperature=1.0] [--batch_size=384] [--seed=0] ...
+
+Resumable: records go to OUT.partial, one flushed line each; a rerun skips the ids already there
+and draws only the missing (query_id, mode, k). Each row's seed is a hash of (--seed, query id,
+mode, k), and a row's tokens depend only on its prompt and its seed, so a rerun draws exactly the
+rollouts the killed run would have. Complete, the file is renamed to OUT; the hyperparameters are in
+OUT.config.json and the per-mode summary in OUT.summary.json.
+"""
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as model_lib
+import sandbox
+from evaluate import grade
+
+# ----------------------------------------------------------------------------- hyperparameters
+k = 4                      # rollouts per query per mode (paper: 5 in v1, 8 in v3)
+modes = "code,cot,auto"    # guided to code, guided to CoT, native (autonomous)
+temperature = 1.0          # sampling temperature; the behaviour log-probs are taken under softmax(logits / T)
+top_p = 1.0                # nucleus sampling (1.0: off)
+top_k = 0                  # top-k sampling (0: off)
+max_new_tokens = 192       # per rollout, injected tool output included (the embedded task's solutions are < 100)
+max_calls = 4              # code executions per rollout; then a notice, then the row ends
+batch_size = 384           # rows per generate call: all modes of batch_size / (3K) queries at once
+seed = 0                   # with (query id, mode, k), determines each rollout
+n = 0                      # use only the first n queries (0: all)
+tool_timeout = 5.0         # seconds per code execution
+tool_memory_mb = 1024      # address-space limit per code execution
+tool_workers = 0           # concurrent code executions (0: the sandbox's default)
+tool_cache = 1             # run each distinct program once per explore run (see cached_tool)
+p_code_open = 1            # also record the model's probability of opening a ```python block unprompted
+dtype = "fp32"             # fp32 | bf16 | fp16
+device = "auto"            # auto: cuda when available, else cpu
+threads = 0                # torch threads (0: torch's default)
+
+CODE_OPENING = "```python"  # how a code solution begins (data.teacher_solution's "code" style)
+COPIED_FIELDS = ("family", "difficulty", "level", "type")
+
+
+# ----------------------------------------------------------------------------- the rows to draw
+def rollout_id(query_id, mode, k):
+    return f"{query_id}:{mode}:{k}"
+
+
+def row_seed(base_seed, query_id, mode, k):
+    """A 32-bit seed that depends only on (seed, query, mode, k): not on the batch, the order or the run."""
+    digest = hashlib.sha256(f"{base_seed}:{query_id}:{mode}:{k}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def pending_rows(queries, modes, k, done_ids):
+    """(query, mode, k) still to draw, query by query so one generate batch holds all modes of its queries."""
+    return [(query, mode, j) for query in queries for mode in modes for j in range(k)
+            if rollout_id(query["id"], mode, j) not in done_ids]
+
+
+def chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ----------------------------------------------------------------------------- the tool
+def cached_tool(tool_timeout, tool_memory_mb, tool_workers):
+    """sandbox.tool, remembering each program's (output, status) for the rest of the run. The K rollouts of a
+    query often write the same program (and its native rollouts too): each distinct program then runs once.
+    The program is all the cells replayed for the last one, so a hit is the same computation; only code that
+    reads a clock or an unseeded RNG could differ between two runs. A sandbox failure is never remembered."""
+    memo, counts = {}, {"executed": 0, "remembered": 0}
+
+    def tool(responses):
+        programs = [sandbox.program_for_cells(sandbox.extract_cells(text)) for text in responses]
+        first_asker = {}
+        for text, program in zip(responses, programs):
+            if program not in memo:
+                first_asker.setdefault(program, text)
+        fresh = dict(zip(first_asker, sandbox.tool(list(first_asker.values()), timeout=tool_timeout,
+                                                   memory_mb=tool_memory_mb, workers=tool_workers)))
+        memo.update({p: result for p, result in fresh.items() if result[1] != "sandbox_error"})
+        counts["executed"] += len(fresh)
+        counts["remembered"] += len(programs) - len(fresh)
+        return [fresh.get(p) or memo[p] for p in programs]
+
+    tool.counts = counts
+    return tool
+
+
+# ----------------------------------------------------------------------------- the model's own code propensity
+@torch.inference_mode()
+def code_open_probability(model, prompts, opening_ids):
+    """P(response starts with ```python | autonomous prompt) = Π_t p(opening_t | prompt, opening_<t), the
+    probability the model itself gives to opening a code block unguided: π(code|x) without sampling
+    (at temperature 1, whatever temperature the rollouts use). One right-padded causal forward for all."""
+    if not prompts:
+        return []
+    full = [p + opening_ids for p in prompts]
+    longest = max(len(f) for f in full)
+    batch = torch.zeros(len(full), longest, dtype=torch.long)
+    for i, ids in enumerate(full):
+        batch[i, :len(ids)] = torch.tensor(ids)
+    # Hidden states, then logits only where the opening is predicted: never [B, T, V] (a 150K vocabulary).
+    hidden = model(batch.to(model.lm_head.weight.device), return_hidden=True)
+    targets = torch.tensor(opening_ids, device=hidden.device)
+    result = []
+    for i, prompt in enumerate(prompts):
+        # the token at position t is predicted by the hidden state at position t − 1
+        h = hidden[i, len(prompt) - 1:len(prompt) - 1 + len(opening_ids)]
+        logprobs = torch.log_softmax(model.lm_head(h).float(), -1)
+        result.append(math.exp(logprobs.gather(1, targets[:, None]).sum().item()))
+    return result
+
+
+# ----------------------------------------------------------------------------- one batch of rollouts
+def explore_batch(model, tokenizer, rows, prompt_ids, args, tool):
+    """Generate, grade and build the records of one batch of rows."""
+    samples = model_lib.generate(
+        model, [prompt_ids[(query["id"], mode)] for query, mode, _ in rows], args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=[row_seed(args.seed, query["id"], mode, j) for query, mode, j in rows],
+        tokenizer=tokenizer, tool=tool, max_calls=args.max_calls)   # EOS: the model's own (config + generation_config)
+    records = []
+    for (query, mode, j), sample in zip(rows, samples):
+        answer, correct = grade(sample.text, query["answer"])   # r(y) ∈ {0, 1}
+        record = {"id": rollout_id(query["id"], mode, j), "query_id": query["id"], "mode": mode, "k": j}
+        record.update({f: query[f] for f in COPIED_FIELDS if f in query})
+        record.update({
+            "gold": query["answer"],
+            "prompt": data.make_prompt(tokenizer, query["problem"], mode),
+            "prompt_ids": prompt_ids[(query["id"], mode)],
+            "auto_prompt_ids": prompt_ids[(query["id"], "auto")],   # what synthesize.py trains on
+            "response": sample.text,
+            "response_ids": sample.tokens,
+            "sampled_mask": sample.sampled_mask,
+            "behaviour_logprobs": sample.logprobs,
+            "calls": sample.calls,
+            "statuses": sample.statuses,
+            "answer": answer,
+            "correct": bool(correct),
+            "finish_reason": sample.finish_reason,
+            "seed": row_seed(args.seed, query["id"], mode, j),
+        })
+        if "p_code_open" in query:
+            record["p_code_open"] = query["p_code_open"]
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- the summary
+def summarize(records, modes):
+    """Per mode: accuracy, code rate (rollouts that ran ≥ 1 block), tool error rate (executions whose status
+    is not ok), and the groups (a query's K rollouts of one mode) where every rollout got the same reward:
+    the ones that give the RL term nothing to compare."""
+    summary = {}
+    for mode in modes:
+        rows = [r for r in records if r["mode"] == mode]
+        if not rows:
+            continue
+        groups = {}
+        for r in rows:
+            groups.setdefault(r["query_id"], []).append(r["correct"])
+        statuses = [s for r in rows for s in r["statuses"]]
+        summary[mode] = {
+            "rollouts": len(rows),
+            "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "code_rate": sum(r["calls"] > 0 for r in rows) / len(rows),
+            "calls_per_rollout": len(statuses) / len(rows),
+            "tool_error_rate": sum(s != "ok" for s in statuses) / len(statuses) if statuses else 0.0,
+            "groups": len(groups),
+            "groups_all_correct": sum(all(g) for g in groups.values()),
+            "groups_all_wrong": sum(not any(g) for g in groups.values()),
+            "mean_response_tokens": sum(len(r["response_ids"]) for r in rows) / len(rows),
+            "finish_reasons": {f: sum(r["finish_reason"] == f for r in rows)
+                               for f in sorted({r["finish_reason"] for r in rows})},
+        }
+    return summary
+
+
+def format_summary(summary):
+    lines = []
+    for mode, s in summary.items():
+        lines.append(f"{mode:>5}: accuracy {s['accuracy']:6.1%}  code rate {s['code_rate']:6.1%}  "
+                     f"tool errors {s['tool_error_rate']:6.1%}  same-reward groups {s['groups_all_correct']} "
+                     f"all correct + {s['groups_all_wrong']} all wrong of {s['groups']}  "
+                     f"({s['rollouts']} rollouts, {s['mean_response_tokens']:.0f} tokens each)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the stage
+SAMPLING_KEYS = ("model", "queries", "k", "modes", "temperature", "top_p", "top_k", "max_new_tokens", "max_calls",
+                 "seed", "dtype")
+
+
+def check_resumable(out, config):
+    """A partial file is resumed only under the settings that drew it: otherwise one file would mix rollouts of
+    two distributions (and a resumed run would no longer equal an uninterrupted one)."""
+    previous_path = out + ".config.json"
+    if not (os.path.exists(out + ".partial") and os.path.exists(previous_path)):
+        return
+    with open(previous_path) as f:
+        previous = json.load(f)
+    changed = [f"--{key} {previous.get(key)!r} -> {config[key]!r}" for key in SAMPLING_KEYS
+               if previous.get(key) != config[key]]
+    if changed:
+        sys.exit(f"{out}.partial was drawn with other settings ({'; '.join(changed)}): rerun with the same ones, "
+                 f"or delete it to start over")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF checkpoint dir (or 'tiny' for a random preset)")
+    parser.add_argument("--queries", required=True, help="JSONL queries (problem/question + answer/solution)")
+    parser.add_argument("--out", required=True, help="rollouts JSONL")
+    parser.add_argument("--k", type=int, default=k)
+    parser.add_argument("--modes", default=modes)
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--top_p", type=float, default=top_p)
+    parser.add_argument("--top_k", type=int, default=top_k)
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max_calls", type=int, default=max_calls)
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--tool_timeout", type=float, default=tool_timeout)
+    parser.add_argument("--tool_memory_mb", type=int, default=tool_memory_mb)
+    parser.add_argument("--tool_workers", type=int, default=tool_workers)
+    parser.add_argument("--tool_cache", type=int, default=tool_cache)
+    parser.add_argument("--p_code_open", type=int, default=p_code_open)
+    parser.add_argument("--dtype", default=dtype, choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--threads", type=int, default=threads)
+    args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in args.modes:
+        if mode not in data.MODES:
+            parser.error(f"--modes: {mode!r} is not one of {', '.join(data.MODES)}")
+    if args.temperature <= 0:
+        parser.error("--temperature must be > 0: exploration samples (greedy rollouts would all be the same)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = {**vars(args), "modes": ",".join(args.modes)}
+    print("explore.py " + " ".join(f"--{key}={value}" for key, value in config.items()))
+    if os.path.exists(args.out):
+        print(f"{args.out} is complete; nothing to do (delete it to explore again)")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_resumable(args.out, config)
+    data.write_json_atomic(args.out + ".config.json", config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    queries = data.read_queries(args.queries)
+    if args.n:
+        queries = queries[:args.n]
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, tokenizer = model_lib.load(args.model, dtype=model_lib.DTYPES[args.dtype], device=args.device)
+    # The prompts of every query in every mode, and always the autonomous one: it replaces the guidance
+    # in training (synthesize.py), so every record carries it.
+    prompt_ids = {(q["id"], mode): data.encode_prompt(tokenizer, q["problem"], mode)
+                  for q in queries for mode in set(args.modes) | {"auto"}}
+    if args.tool_cache:
+        tool = cached_tool(args.tool_timeout, args.tool_memory_mb, args.tool_workers or None)
+    else:
+        tool = functools.partial(sandbox.tool, timeout=args.tool_timeout, memory_mb=args.tool_memory_mb,
+                                 workers=args.tool_workers or None)
+
+    partial = args.out + ".partial"
+    start = time.time()
+    with data.JsonlAppender(partial) as out:
+        rows = pending_rows(queries, args.modes, args.k, out.done_ids)
+        print(f"{len(queries)} queries × {len(args.modes)} modes × K={args.k}: {len(rows)} rollouts to draw"
+              + (f" ({len(out.done_ids)} already in {partial})" if out.done_ids else ""))
+        opening_ids = tokenizer.encode(CODE_OPENING, add_special_tokens=False)
+        with tqdm(total=len(rows), desc="explore", unit="rollout") as bar:
+            for batch in chunks(rows, args.batch_size):
+                if args.p_code_open:
+                    # Deterministic given the model and the prompt, so a resumed run recomputes the same value.
+                    batch_queries = list({query["id"]: query for query, _, _ in batch}.values())
+                    probs = code_open_probability(net, [prompt_ids[(q["id"], "auto")] for q in batch_queries],
+                                                  opening_ids)
+                    for query, prob in zip(batch_queries, probs):
+                        query["p_code_open"] = prob
+                for record in explore_batch(net, tokenizer, batch, prompt_ids, args, tool):
+                    out.write(record)
+                bar.update(len(batch))
+    elapsed = time.time() - start
+
+    records = data.read_jsonl(partial)
+    summary = summarize(records, args.modes)
+    executions = getattr(tool, "counts", None)
+    data.write_json_atomic(args.out + ".summary.json",
+                           {**summary, "seconds_this_run": elapsed, "tool_executions_this_run": executions})
+    data.finalize(partial, args.out)
+    print(format_summary(summary))
+    if executions:
+        print(f"tool: {executions['executed']} programs executed, {executions['remembered']} calls answered "
+              f"from the run's memo")
+    print(f"wrote {len(records)} rollouts to {args.out} in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,972 @@
+"""
+model.py — the language model of tocode, from the embedding table to the sampler that runs Python mid-generation.
+
+Read top to bottom:
+  1. the tool-call format (ToRA / Qwen2.5-Math) that the sampler and the data share;
+  2. the transformer of the Llama / Qwen2 family: RMSNorm, rotary embeddings (with the long-context rope_scaling
+     variants of Llama 3 and Qwen2.5), grouped-query attention with optional q/k/v bias, a SwiGLU MLP, tied or untied head;
+  3. loading an HF checkpoint dir and saving one back (transformers reloads it with identical logits), and the "tiny"
+     preset with its character-level tokenizer;
+  4. generate(): a batched sampler with a preallocated KV cache, per-row seeds, stop strings and tool calls;
+  5. fused_logprobs(): log-probs of chosen tokens, forward and backward, without ever holding N x V logits.
+
+The model stores the q/k/v projections as one matrix and gate/up as another ("fused at load time"): one matmul instead
+of three (or two) per layer, which is most of what a decode step on a CPU pays for at small sizes. save() splits them
+back into the HF names.
+"""
+import collections
+import concurrent.futures
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. The tool format. The model writes a ```python block, then "```output"; generation of that row pauses, the code runs,
+# and the sampler feeds tool_injection(output) to the row as forced tokens, then the row continues sampling.
+
+TOOL_TRIGGER = "```output"
+# What the model reads as the output of a call beyond max_calls (ToRA injects a similar notice). Asking again ends the row.
+MAX_CALLS_NOTICE = "Reached the maximum number of code executions. Continue without running code."
+
+
+def tool_injection(output: str, after_newline: bool = False) -> str:
+    """The text fed after the trigger: the output and the closing fence. The leading newline is left out when the
+    model's text already ends with one (tokenizers that merge "```output\\n" into one piece)."""
+    return ("" if after_newline else "\n") + output + "\n```\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. The transformer.
+
+@dataclass
+class Config:
+    """HF-style field names, so that config.json maps onto this one to one."""
+    vocab_size: int = 98
+    hidden_size: int = 96
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 256
+    head_dim: int | None = None              # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 384       # the context: prompt + response never exceed it
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None         # HF's rope_parameters minus rope_theta; None = plain RoPE
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False                   # Qwen2: True
+    o_bias: bool = False                     # Llama's attention_bias puts a bias on o_proj too
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    architecture: str = "LlamaForCausalLM"   # or "Qwen2ForCausalLM"
+    extra: dict = field(default_factory=dict)  # other config.json fields, written back unchanged by save()
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    """y = w · x / sqrt(mean(x²) + eps), the statistics in fp32 whatever the weights' dtype (as HF does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: Config) -> tuple[torch.Tensor, float]:
+    """θ_i = base^(-2i/d) for i < d/2, rescaled by the long-context variants. Returns (inv_freq, attention_scale).
+    Each formula is the one transformers applies (modeling_rope_utils), so checkpoints load with identical logits."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported by this model")
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        # position interpolation: position p is seen as p / factor.
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "dynamic":
+        # dynamic NTK changes the base only for sequences longer than max_position_embeddings; our context never exceeds
+        # it (generate refuses longer prompts), so inside it this is plain RoPE — exactly what transformers computes.
+        return inv_freq, 1.0
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    if kind == "llama3":
+        # Llama 3.1: high frequencies (short wavelengths) kept, low ones divided by factor, smooth blend in between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        # YaRN (Peng et al. 2023): interpolate the low-frequency dims, extrapolate the high ones, linear ramp between,
+        # and scale cos/sin by 0.1·ln(factor) + 1 (attention temperature).
+        factor = scaling.get("factor") or config.max_position_embeddings / original
+        attention_scale = scaling.get("attention_factor")
+        if attention_scale is None:
+            def mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_scale = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolate = 1 - ramp
+        return (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate, float(attention_scale)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, dynamic, llama3, yarn)")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """RoPE (Su et al. 2021) in the "half-split" layout of HF Llama: pairs (x_i, x_{i+d/2}) rotate by angle p·θ_i."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: H query heads share K key/value heads (K = H is plain multi-head attention)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_size, self.kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, cache=None, decode=None):
+        """x [B,T,D]. Without a cache: causal self-attention over x (training, scoring). With a cache (this layer's k, v,
+        each [slots, K, L, hd]) and decode=None: a prefill of the first B slots from position 0. With decode = (write
+        index, key length, additive mask): one step, each row writing its key/value at its own position and attending to
+        its own prefix of the cache."""
+        B, T, _ = x.shape
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # RoPE on the query and key heads in one go: they share the rotation of each position
+        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if decode is None:
+            if cache is not None:
+                cache[0][:B, :, :T] = k
+                cache[1][:B, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+        else:
+            write_index, L, mask = decode
+            k_cache, v_cache = cache
+            # the cache seen as rows of head_dim numbers: row ((slot·K + head)·L_max + position), one write per head
+            k_cache.view(-1, self.head_dim).index_copy_(0, write_index, k.reshape(-1, self.head_dim))
+            v_cache.view(-1, self.head_dim).index_copy_(0, write_index, v.reshape(-1, self.head_dim))
+            # one query per row: fold each group of H/K query heads into the "query length" axis of its key/value head,
+            # so SDPA reads every cached key once and nothing is repeated (same math as repeat_kv).
+            q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=mask)
+        return self.o_proj(y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) · up(x)); gate and up are one fused matrix."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, decode=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, decode)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq, self.attention_scale = rope_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_cache = None  # (cos, sin) for positions [0, n), grown on demand
+
+    def rope_tables(self, n, dtype):
+        """cos/sin of p·θ_i for positions p < n (at least), in fp32 like HF, cast to the activations' dtype."""
+        cached = self._rope_cache
+        if cached is None or cached[0].shape[0] < n or cached[0].dtype != dtype or cached[0].device != self.inv_freq.device:
+            size = max(n, min(self.config.max_position_embeddings, 4096), 2 * cached[0].shape[0] if cached else 0)
+            # Built outside inference mode even when the sampler asks first: an inference tensor cached here
+            # could not be saved for backward by a later training step in the same process.
+            with torch.inference_mode(False):
+                freqs = torch.arange(size, device=self.inv_freq.device, dtype=torch.float)[:, None] * self.inv_freq.float()
+                angles = torch.cat((freqs, freqs), dim=-1)
+                scale = self.attention_scale
+                self._rope_cache = ((angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype))
+        return self._rope_cache
+
+    def forward(self, input_ids, return_hidden=False):
+        """input_ids [B,T] -> logits [B,T,V], or the final (post-norm) hidden states [B,T,D] with return_hidden=True.
+        Causal, no padding mask: right-padded batches are exact for every real token."""
+        T = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_tables(T, x.dtype)
+        cos, sin = cos[:T], sin[:T]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def step(self, input_ids, cache, positions=None, key_length=None):
+        """The cached forward of generate(). cache = (k, v), each [layers, slots, K, L_max, hd].
+        positions=None: prefill of input_ids [B,T] (right-padded) into the first B slots from position 0.
+        Otherwise one decode step: input_ids [n,1] at positions [n] for the first n slots, attending to the first
+        key_length cache positions (up to each row's own position). Returns the final hidden states [B,T,D]."""
+        x = self.embed_tokens(input_ids)
+        n, T = input_ids.shape
+        _, slots, kv_heads, max_length, _ = cache[0].shape
+        cos, sin = self.rope_tables(max_length, x.dtype)
+        decode = None
+        if positions is None:
+            cos, sin = cos[:T], sin[:T]
+        else:
+            cos, sin = cos[positions][:, None, None], sin[positions][:, None, None]
+            heads = torch.arange(kv_heads, device=x.device)
+            slot = torch.arange(n, device=x.device)
+            write_index = ((slot[:, None] * kv_heads + heads) * max_length + positions[:, None]).reshape(-1)
+            # additive mask, 0 where key position <= the row's own position, -inf after (built once, shared by layers)
+            keys = torch.arange(key_length, device=x.device)
+            mask = torch.zeros(n, 1, 1, key_length, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(keys > positions[:, None, None, None], float("-inf"))
+            decode = (write_index, key_length, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, (cache[0][i], cache[1][i]), decode)
+        return self.norm(x)
+
+
+def init_weights(model: Transformer, std=0.02):
+    """GPT-2 / HF style: N(0, std) for matrices and the embedding, zero biases, unit norms."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Loading and saving HF checkpoint dirs, and the tiny preset.
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# config.json fields that become Config fields (the rest is kept in Config.extra and written back)
+_OWN_FIELDS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
+               "rms_norm_eps", "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id",
+               "pad_token_id", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version"}
+
+
+def config_from_hf(raw: dict, where: str) -> Config:
+    """Map an HF config.json (Llama / Qwen2, transformers 4.x or 5.x layout) onto Config."""
+    arch = (raw.get("architectures") or [None])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {arch!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (expected silu)")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"{where}: sliding-window attention (use_sliding_window=true) is not supported")
+    # transformers 5 writes rope_parameters = {rope_type, rope_theta, ...}; 4.x wrote rope_theta and rope_scaling.
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    qwen = arch == "Qwen2ForCausalLM"
+    config = Config(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        intermediate_size=raw["intermediate_size"], head_dim=raw.get("head_dim"),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
+        rope_scaling=rope if kind != "default" else None, rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        qkv_bias=True if qwen else bool(raw.get("attention_bias", False)),
+        o_bias=False if qwen else bool(raw.get("attention_bias", False)), mlp_bias=bool(raw.get("mlp_bias", False)),
+        bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"), pad_token_id=raw.get("pad_token_id"),
+        architecture=arch, extra={k: v for k, v in raw.items() if k not in _OWN_FIELDS})
+    rope_inverse_frequencies(config)  # unsupported rope types fail here, at load time
+    return config
+
+
+def config_to_hf(config: Config, dtype: torch.dtype) -> dict:
+    qwen = config.architecture == "Qwen2ForCausalLM"
+    raw = dict(config.extra)
+    raw.update(architectures=[config.architecture], model_type="qwen2" if qwen else "llama",
+               vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+               num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+               intermediate_size=config.intermediate_size, head_dim=config.head_dim,
+               max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+               tie_word_embeddings=config.tie_word_embeddings, mlp_bias=config.mlp_bias, hidden_act="silu",
+               bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+               rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
+               rope_parameters={"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta},
+               dtype=str(dtype).removeprefix("torch."))
+    if not qwen:
+        raw["attention_bias"] = config.qkv_bias
+    return raw
+
+
+def _hf_names(config: Config):
+    """(our parameter name, [HF tensor names] concatenated along dim 0 to form it) — the fusion done at load time."""
+    names = [("embed_tokens.weight", ["model.embed_tokens.weight"]), ("norm.weight", ["model.norm.weight"])]
+    if not config.tie_word_embeddings:
+        names.append(("lm_head.weight", ["lm_head.weight"]))
+    for i in range(config.num_hidden_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        names += [(ours + "input_layernorm.weight", [hf + "input_layernorm.weight"]),
+                  (ours + "post_attention_layernorm.weight", [hf + "post_attention_layernorm.weight"]),
+                  (ours + "self_attn.qkv_proj.weight", [hf + f"self_attn.{p}_proj.weight" for p in "qkv"]),
+                  (ours + "self_attn.o_proj.weight", [hf + "self_attn.o_proj.weight"]),
+                  (ours + "mlp.gate_up_proj.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]),
+                  (ours + "mlp.down_proj.weight", [hf + "mlp.down_proj.weight"])]
+        if config.qkv_bias:
+            names.append((ours + "self_attn.qkv_proj.bias", [hf + f"self_attn.{p}_proj.bias" for p in "qkv"]))
+        if config.o_bias:
+            names.append((ours + "self_attn.o_proj.bias", [hf + "self_attn.o_proj.bias"]))
+        if config.mlp_bias:
+            names += [(ours + "mlp.gate_up_proj.bias", [hf + "mlp.gate_proj.bias", hf + "mlp.up_proj.bias"]),
+                      (ours + "mlp.down_proj.bias", [hf + "mlp.down_proj.bias"])]
+    return names
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors.torch import load_file
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(os.path.join(path, shard)))
+        return tensors
+    raise FileNotFoundError(f"{path}: no weights found; expected model.safetensors or model.safetensors.index.json")
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def load(path: str, dtype=torch.float32, device="cpu", seed=0):
+    """(model, tokenizer) from an HF checkpoint dir, or a fresh random model for the preset name "tiny"."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if path == "tiny":
+        return tiny(seed=seed, dtype=dtype, device=device)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint dir (config.json + model.safetensors) nor a preset "
+                                f"name (tiny)")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{path}: config.json not found (expected an HF checkpoint dir)")
+    with open(config_path) as f:
+        config = config_from_hf(json.load(f), config_path)
+    # generation_config.json may list more stop tokens than config.json (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)
+    generation_path = os.path.join(path, "generation_config.json")
+    if os.path.exists(generation_path):
+        with open(generation_path) as f:
+            extra_eos = json.load(f).get("eos_token_id")
+        if extra_eos is not None:
+            ids = lambda e: [] if e is None else ([e] if isinstance(e, int) else list(e))
+            merged = list(dict.fromkeys(ids(config.eos_token_id) + ids(extra_eos)))
+            config.eos_token_id = merged[0] if len(merged) == 1 else merged
+    tensors = _read_safetensors(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {}
+    for ours, theirs in _hf_names(config):
+        missing = [n for n in theirs if n not in tensors]
+        if missing:
+            raise KeyError(f"{path}: tensor {missing[0]} missing from the checkpoint")
+        state[ours] = torch.cat([tensors[n] for n in theirs]).to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    assert not any(p.is_meta for p in model.parameters()), "a parameter was not loaded"
+    inv_freq, model.attention_scale = rope_inverse_frequencies(config)
+    model.inv_freq = inv_freq
+    model = model.to(device).eval()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def save(model: Transformer, tokenizer, out_dir: str):
+    """Write an HF-format dir (config.json, model.safetensors, generation_config.json, tokenizer files) atomically:
+    everything goes to a temporary sibling dir that is renamed onto out_dir at the end."""
+    from safetensors.torch import save_file
+    config = model.config
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(os.path.abspath(out_dir)) + "-", dir=parent)
+    try:
+        state = model.state_dict()
+        tensors = {}
+        for ours, theirs in _hf_names(config):
+            sizes = [config.num_attention_heads * config.head_dim] + [config.num_key_value_heads * config.head_dim] * 2 \
+                if "qkv_proj" in ours else [state[ours].shape[0] // len(theirs)] * len(theirs)
+            for name, part in zip(theirs, state[ours].split(sizes)):
+                tensors[name] = part.detach().to("cpu").contiguous()
+        dtype = model.embed_tokens.weight.dtype
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(config, dtype), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                       "pad_token_id": config.pad_token_id}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# The embedded preset: a character-level tokenizer and a 0.45M-parameter Llama (DESIGN.md section 5 measured that this
+# size learns the embedded task fastest on 2 CPU cores; larger models get fewer steps and learned copying before digits).
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]   # EOS (id 0) and PAD (id 1)
+TINY_CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
+TINY_CONFIG = dict(
+    vocab_size=len(TINY_SPECIAL_TOKENS) + len(TINY_CHARACTERS),  # 98
+    hidden_size=96,                  # model width
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,           # plain multi-head attention
+    intermediate_size=256,           # SwiGLU width
+    max_position_embeddings=384,     # prompt (45-80 chars) + a worked solution fit with room to spare
+    rope_theta=10000.0,
+    tie_word_embeddings=True,        # the embedding is a large share of a 0.45M model; tying halves it
+    eos_token_id=0,
+    pad_token_id=1,
+)
+
+
+def tiny_tokenizer():
+    """One token per character; no merges, so the model's text and the tool output tokenize the same way in any split."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS + TINY_CHARACTERS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   padding_side="right", clean_up_tokenization_spaces=False)
+
+
+def tiny(seed=0, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    model = Transformer(Config(**TINY_CONFIG))
+    init_weights(model)
+    return model.to(dtype=dtype, device=device), tiny_tokenizer()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. The sampler.
+
+@dataclass
+class Sample:
+    tokens: list          # all new tokens, sampled and injected, in order (a final EOS included)
+    sampled_mask: list    # 1 = sampled by the model, 0 = injected tool output
+    logprobs: list        # per token: log softmax(logits / T) of the token (log softmax(logits) when greedy); 0 if injected
+    text: str             # tokens decoded, EOS left out
+    calls: int            # code executions
+    statuses: list        # the tool's status of each execution
+    finish_reason: str    # "eos", "stop", "length" or "max_calls"
+
+
+def _hash32(x):
+    """A 32-bit integer mixer (xorshift-multiply, after C. Wellons' lowbias32) on int64 tensors holding values < 2^32:
+    a bijection whose output bits each depend on all input bits, so hash(seed, position, token) gives
+    independent-looking uniform noise. Both multipliers are odd and < 2^31, so no product overflows int64: the same
+    bits on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds, positions, vocab_size):
+    """Gumbel(0,1) noise [B,V] that depends only on (seed, position, token id): argmax(logits/T + g) is then an exact
+    sample of softmax(logits/T) (the Gumbel-max trick), reproducible per row whatever else is in the batch."""
+    key = _hash32((seeds + _hash32((positions + 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    bits = _hash32(key[:, None] ^ tokens[None, :])
+    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 bits, in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def choose_tokens(logits, temperature, top_k, top_p, seeds, positions):
+    """logits [B,V] fp32 -> (tokens [B], behaviour log-probs [B]). The log-prob is taken under softmax(logits / T)
+    before top-k / top-p truncation (what the trainer's importance ratio compares against)."""
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    scaled = logits / temperature
+    logprobs = torch.log_softmax(scaled, -1)
+    filtered = scaled
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token when the mass strictly
+        # before it (in descending order) is already >= top_p.
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        filtered = filtered.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    tokens = (filtered + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+
+
+@dataclass
+class _Row:
+    """Bookkeeping of one prompt while it is generated."""
+    prompt_length: int
+    seed: int
+    tokens: list = field(default_factory=list)
+    sampled_mask: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    forced: collections.deque = field(default_factory=collections.deque)  # injected tokens still to feed
+    calls: int = 0
+    statuses: list = field(default_factory=list)
+    noticed: bool = False        # MAX_CALLS_NOTICE already injected
+    finish_reason: str | None = None
+    waiting: bool = False        # paused on a tool call
+
+
+def _eos_set(model, tokenizer, eos_token_id):
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=None, tokenizer=None,
+             stop_strings=None, tool=None, max_calls=4, eos_token_id=None, tool_workers=4):
+    """Sample continuations of a batch of token-id prompts (different lengths welcome); returns one Sample per prompt.
+
+    temperature=0 is greedy. seed: an int (row i uses seed + i) or a list of ints, one per prompt; a row's tokens depend
+    only on its prompt and its seed (the noise is a hash of (seed, position, token id), not a shared RNG stream).
+    eos_token_id: defaults to the model's (or tokenizer's) EOS ids; an empty list never stops at EOS.
+    max_new_tokens counts every new token, injected ones included; a row also ends ("length") at the model's context.
+    Sample.logprobs holds the behaviour log-prob of each sampled token under softmax(logits / temperature), taken
+    BEFORE top-k / top-p truncation (log_softmax(logits) when greedy), and 0.0 for injected tokens.
+
+    Tools: when a row's text ends with TOOL_TRIGGER (or TOOL_TRIGGER + newline), tool(list of response texts) -> list of
+    (output, status) runs in a worker thread; the row is paused, the other rows keep decoding, and when the call returns
+    tool_injection(output) is fed to the row as forced tokens (the model's own tokens are never re-tokenized). Each
+    execution counts in .calls and adds its status. After max_calls executions, the next trigger gets MAX_CALLS_NOTICE
+    as its output (no execution, no status) and the one after that ends the row with "max_calls". An exception raised
+    by the callback is re-raised here as RuntimeError (cause chained); a callback that never returns blocks the rows
+    waiting for it, so give it a timeout (sandbox.tool has one).
+    """
+    if not prompts:
+        return []
+    if (tool is not None or stop_strings) and tokenizer is None:
+        raise ValueError("generate: tool calls and stop strings need the tokenizer")
+    config, device = model.config, model.embed_tokens.weight.device
+    context = config.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+        if len(prompt) > context:
+            raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens, longer than the model's context of "
+                             f"{context}")
+    B = len(prompts)
+    if seed is None:
+        seeds = torch.randint(0, 2**32, (B,)).tolist()  # from torch's global RNG: torch.manual_seed makes it repeatable
+    elif isinstance(seed, int):
+        seeds = [seed + i for i in range(B)]
+    else:
+        if len(seed) != B:
+            raise ValueError(f"generate: {len(seed)} seeds for {B} prompts")
+        seeds = list(seed)
+    eos = _eos_set(model, tokenizer, eos_token_id)
+    stop_strings = list(stop_strings or [])
+    tail_chars = max([len(s) for s in stop_strings] + [len(TOOL_TRIGGER) + 1 if tool is not None else 0])
+    rows = [_Row(len(p), s & 0xFFFFFFFF) for p, s in zip(prompts, seeds)]
+    was_training = model.training
+    model.eval()
+
+    # The KV cache, allocated once: [layers, B, kv_heads, L, head_dim] with L the longest sequence any row can reach.
+    longest = min(context, max(len(p) for p in prompts) + max_new_tokens)
+    dtype = model.embed_tokens.weight.dtype
+    shape = (config.num_hidden_layers, B, config.num_key_value_heads, longest, config.head_dim)
+    cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    # Cache slots are kept ordered [active rows | paused or finished rows], so a step runs on the views cache[:, :n]
+    # without copying; a row changing state swaps slots with another (two rows copied, not the whole cache).
+    slot_row = list(range(B))                                         # slot -> row
+    # lengths: tokens of each slot's sequence, counting next_input, the chosen token not yet fed (so not yet cached)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    next_input = torch.zeros(B, dtype=torch.long, device=device)
+    slot_seeds = torch.tensor([r.seed for r in rows], device=device)
+
+    def swap_slots(a, b):
+        """Move the slots listed in a to the places of those in b and vice versa (all caches and per-slot state)."""
+        if not a:
+            return
+        ia, ib = torch.tensor(a, device=device), torch.tensor(b, device=device)
+        both, other = torch.cat([ia, ib]), torch.cat([ib, ia])
+        for tensor in cache:
+            tensor[:, both] = tensor[:, other]
+        for tensor in (lengths, next_input, slot_seeds):
+            tensor[both] = tensor[other]
+        for x, y in zip(a, b):
+            slot_row[x], slot_row[y] = slot_row[y], slot_row[x]
+
+    def compact():
+        """Reorder slots so the rows still decoding come first; returns their count."""
+        live = {s for s in range(B) if rows[slot_row[s]].finish_reason is None and not rows[slot_row[s]].waiting}
+        n = len(live)
+        holes = [s for s in range(n) if s not in live]
+        outsiders = sorted(s for s in live if s >= n)
+        swap_slots(holes, outsiders)
+        return n
+
+    def finish(row, reason):
+        row.finish_reason = reason
+
+    def after_token(row, token, sampled, logprob):
+        """Append one token to a row and decide what the row does next."""
+        row.tokens.append(token)
+        row.sampled_mask.append(int(sampled))
+        row.logprobs.append(logprob if sampled else 0.0)
+        if sampled and token in eos:
+            return finish(row, "eos")
+        if len(row.tokens) >= max_new_tokens or row.prompt_length + len(row.tokens) >= context:
+            return finish(row, "length")
+        if not sampled or not tail_chars:
+            return
+        tail = tokenizer.decode(row.tokens[-(tail_chars + 8):])
+        if any(tail.endswith(s) for s in stop_strings):
+            return finish(row, "stop")
+        if tool is not None and (tail.endswith(TOOL_TRIGGER) or tail.endswith(TOOL_TRIGGER + "\n")):
+            if row.calls < max_calls:
+                row.waiting = True
+                tool_requests.append(row)
+            elif not row.noticed:
+                row.noticed = True
+                inject(row, MAX_CALLS_NOTICE, tail.endswith("\n"))
+            else:
+                finish(row, "max_calls")
+
+    def inject(row, output, after_newline):
+        row.forced.extend(tokenizer.encode(tool_injection(output, after_newline), add_special_tokens=False))
+
+    def response_text(row):
+        return tokenizer.decode(row.tokens)
+
+    # Tool calls of one step go to a worker thread as one batch (sandbox.tool runs them concurrently); the rows wait
+    # outside the active slots, and come back when their future is done.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=tool_workers) if tool is not None else None
+    pending = {}  # future -> rows
+    tool_requests = []
+
+    def submit_tool_requests():
+        if tool_requests:
+            batch = list(tool_requests)
+            pending[pool.submit(tool, [response_text(r) for r in batch])] = batch
+            tool_requests.clear()
+
+    def collect_tool_results(block):
+        if not pending:
+            return
+        if block:
+            concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in [f for f in pending if f.done()]:
+            batch = pending.pop(future)
+            try:
+                results = future.result()
+            except Exception as error:
+                raise RuntimeError(f"generate: the tool callback raised {type(error).__name__}: {error}") from error
+            if len(results) != len(batch):
+                raise RuntimeError(f"generate: the tool callback returned {len(results)} results for {len(batch)} "
+                                   f"requests")
+            for row, (output, status) in zip(batch, results):
+                row.calls += 1
+                row.statuses.append(status)
+                row.waiting = False
+                inject(row, output, response_text(row).endswith("\n"))
+
+    def handle(n, logits):
+        """Choose the next token of each of the first n slots from their logits [n,V]: a forced (injected) token where
+        the row has one pending, else the sampled one."""
+        # the noise is keyed by the new token's index in the sequence, lengths (before the increment)
+        tokens, logprobs = choose_tokens(logits.float(), temperature, top_k, top_p, slot_seeds[:n], lengths[:n])
+        lengths[:n] += 1
+        next_input[:n] = tokens
+        forced_slots, forced_tokens = [], []
+        for slot, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+            row = rows[slot_row[slot]]
+            if row.forced:
+                token = row.forced.popleft()
+                forced_slots.append(slot)
+                forced_tokens.append(token)
+                after_token(row, token, False, 0.0)
+            else:
+                after_token(row, token, True, logprob)
+        if forced_slots:
+            next_input[torch.tensor(forced_slots, device=device)] = torch.tensor(forced_tokens, device=device)
+
+    try:
+        for row in rows:  # zero room: nothing to generate
+            if max_new_tokens <= 0 or row.prompt_length >= context:
+                finish(row, "length")
+        # Prefill: all prompts right-padded into one causal forward that fills the cache from position 0; each row's
+        # first token comes from the logits at its last prompt token (padding sits after it, so never attended).
+        longest_prompt = max(len(p) for p in prompts)
+        padded = torch.zeros(B, longest_prompt, dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            padded[i, :len(prompt)] = torch.tensor(prompt, device=device)
+        hidden = model.step(padded, cache)
+        last = hidden[torch.arange(B, device=device), lengths - 1]  # slots are still in row order here
+        n = compact()
+        if n:
+            handle(n, model.lm_head(last[torch.tensor(slot_row[:n], device=device)]))
+        del hidden, last
+        while True:
+            if tool is not None:
+                submit_tool_requests()
+            n = compact()
+            if n == 0 and not pending:
+                break
+            collect_tool_results(block=(n == 0))
+            n = compact()
+            if n == 0:
+                continue
+            # One decode step for the first n slots: each feeds one token at its own position, attends to its prefix.
+            hidden = model.step(next_input[:n, None], cache, lengths[:n] - 1, int(lengths[:n].max()))
+            handle(n, model.lm_head(hidden[:, 0]))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        model.train(was_training)
+
+    samples = []
+    for row in rows:
+        text_tokens = row.tokens[:-1] if row.finish_reason == "eos" else row.tokens
+        text = tokenizer.decode(text_tokens) if tokenizer is not None else ""
+        samples.append(Sample(row.tokens, row.sampled_mask, row.logprobs, text, row.calls, row.statuses,
+                              row.finish_reason))
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. The fused log-prob kernel (the M-step's log pi_theta(y_t | x, y_<t) without N x V logits).
+#
+# Fused log-probs: log softmax(hidden @ weight.T / T)[i, targets[i]] without the N x V logits.
+#
+# The M-step needs log pi_theta(y_t | x, y_<t) for every trainable response token. The naive way,
+#
+#     logprobs = log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None])
+#
+# materialises N x V logits, then an N x V log-softmax, and in the backward an N x V gradient of the
+# gather and an N x V gradient of the logits: with Qwen's V = 151,936 that is 1.2 GB per 2,048 tokens
+# for EACH of them, and it is where RL trainers usually run out of memory.
+#
+# Per row only two numbers matter: the target logit z_t and the log-normaliser lse = log sum_j exp z_j,
+#
+#     log p_t = z_t - lse                                                              (1)
+#
+# and the gradient of (1) with respect to the logits is the familiar
+#
+#     d log p_t / d z_j = onehot_j(t) - softmax_j(z)                                   (2)
+#
+# So the forward walks the rows in chunks, keeps one chunk's logits in a reusable buffer, and keeps
+# only lse per row. The backward recomputes each chunk's logits (one more matmul: 4 instead of 3),
+# turns them into softmax - onehot in place with the saved lse (no second max/sum pass), and
+# accumulates the gradients of hidden and weight.
+#
+# Why the extra matmul does not make it slower: the matmuls are the same flops either way, and the
+# naive path pays for everything around them -- four fresh N x V fp32 tensors (on CPU, first touching
+# 1.2 GB of new memory costs about a second of page faults), the log-softmax pass, the gather's N x V
+# zero gradient and the softmax backward pass. The fused path reuses one chunk buffer, works in place
+# in it (sub_, exp_, mul_), writes the gradients with out= / addmm_, and lays the chunk's logits out
+# vocabulary-major (see _chunk_logits). Measured: `python bench.py fused`.
+
+
+# Rows per chunk. The chunk's logits (V x chunk_size fp32) are the kernel's only large buffer:
+# 256 rows x 151,936 x 4 B = 156 MB for Qwen, ~20x less than naive needs for 2,048 tokens,
+# and enough rows that the matmuls run as fast as one big one (see the bench).
+CHUNK_SIZE = 256
+
+
+def _chunk_logits(rows, weight, buffer):
+    """The chunk's logits TRANSPOSED, [V, rows] fp32, written into the reusable flat buffer.
+
+    Vocabulary-major because W @ rows.T measured 1.4-1.6x faster than rows @ W.T on this CPU
+    (MKL, 2 threads; one measurement on a loaded machine), and this GEMM runs twice per chunk. Taking the first V*n elements of a
+    flat buffer keeps the last, shorter chunk contiguous too."""
+    logits_t = buffer[: weight.shape[0] * rows.shape[0]].view(weight.shape[0], rows.shape[0])
+    if rows.dtype == buffer.dtype:
+        torch.mm(weight, rows.t(), out=logits_t)
+    else:
+        # bf16/fp16: the GEMM runs in the input dtype (fp32 accumulation inside it), the softmax
+        # arithmetic in fp32 -- exactly what the naive `log_softmax(logits.float())` does.
+        logits_t.copy_(weight @ rows.t())
+    return logits_t
+
+
+class FusedLogprobs(torch.autograd.Function):
+    """Autograd function for fused_logprobs; saves hidden, weight, targets and one lse per row.
+
+    Inside, a chunk's logits are [V, n] (vocabulary-major), so every per-row reduction is over dim 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, return_entropy):
+        num_rows, vocab = hidden.shape[0], weight.shape[0]
+        # softmax and accumulation dtype: fp32 for fp32/bf16/fp16 inputs (float64 stays float64)
+        float_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logprobs = torch.empty(num_rows, dtype=float_dtype, device=hidden.device)
+        log_normaliser = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if return_entropy else None
+        buffer = torch.empty(vocab * min(chunk_size, num_rows), dtype=float_dtype, device=hidden.device)
+        # the entropy needs the logits and their exponentials at once: a second buffer, logging only
+        exp_buffer = torch.empty_like(buffer) if return_entropy else None
+
+        for start in range(0, num_rows, chunk_size):
+            end = min(start + chunk_size, num_rows)
+            # temperature is folded into the chunk's rows: W (h / T)^T = z / T, a C x D op, not V x C
+            rows = hidden[start:end] / temperature if temperature != 1.0 else hidden[start:end]
+            logits_t = _chunk_logits(rows, weight, buffer)
+            target_logit = logits_t.gather(0, targets[None, start:end]).squeeze(0)
+            # lse = m + log sum exp(z - m), with the row max m for stability, in place in the buffer
+            row_max = logits_t.max(dim=0).values
+            shifted = logits_t.sub_(row_max)
+            if return_entropy:
+                # H = -sum p log p = log S - sum e (z - m) / S with e = exp(z - m), S = sum e
+                exps = torch.exp(shifted, out=exp_buffer[: shifted.numel()].view_as(shifted))
+                sum_exp = exps.sum(dim=0)
+                entropy[start:end] = sum_exp.log() - exps.mul_(shifted).sum(dim=0) / sum_exp
+            else:
+                sum_exp = shifted.exp_().sum(dim=0)
+            log_normaliser[start:end] = row_max + sum_exp.log()
+            logprobs[start:end] = target_logit - log_normaliser[start:end]  # eq. (1)
+
+        ctx.save_for_backward(hidden, weight, targets, log_normaliser)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        if return_entropy:
+            ctx.mark_non_differentiable(entropy)
+            return logprobs, entropy
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy=None):
+        hidden, weight, targets, log_normaliser = ctx.saved_tensors
+        chunk_size, temperature = ctx.chunk_size, ctx.temperature
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_rows, vocab = hidden.shape[0], weight.shape[0]
+        float_dtype = log_normaliser.dtype
+        grad_logprobs = grad_logprobs.to(float_dtype)
+
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        # accumulated over chunks in fp32 whatever the input dtype, cast once at the end
+        grad_weight = torch.zeros(weight.shape, dtype=float_dtype, device=weight.device) if need_weight else None
+        buffer = torch.empty(vocab * min(chunk_size, num_rows), dtype=float_dtype, device=hidden.device)
+        columns = torch.arange(min(chunk_size, num_rows), device=hidden.device)
+
+        for start in range(0, num_rows, chunk_size):
+            end = min(start + chunk_size, num_rows)
+            rows = hidden[start:end] / temperature if temperature != 1.0 else hidden[start:end]
+            logits_t = _chunk_logits(rows, weight, buffer)
+            # softmax from the saved log-normaliser, in place: p = exp(z - lse)
+            probs_t = logits_t.sub_(log_normaliser[start:end]).exp_()
+            # eq. (2) times the upstream gradient g: dL/dz = g * (onehot - p), still in the buffer
+            grad_t = probs_t.mul_(-grad_logprobs[start:end])
+            grad_t[targets[start:end], columns[: end - start]] += grad_logprobs[start:end]
+            if rows.dtype != float_dtype:
+                grad_t = grad_t.to(rows.dtype)  # run the two GEMMs in bf16/fp16 too
+            if need_hidden:
+                # z/T = (h/T) W^T, so dL/dh = (dL/dz) W / T
+                if rows.dtype == float_dtype:
+                    torch.mm(grad_t.t(), weight, out=grad_hidden[start:end])
+                else:
+                    grad_hidden[start:end] = grad_t.t() @ weight
+                if temperature != 1.0:
+                    grad_hidden[start:end] /= temperature
+            if need_weight:
+                # dL/dW = (dL/dz)^T (h/T), summed over the chunks
+                if rows.dtype == float_dtype:
+                    grad_weight.addmm_(grad_t, rows)
+                else:
+                    grad_weight += grad_t @ rows
+
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def fused_logprobs(hidden, weight, targets, chunk_size=CHUNK_SIZE, temperature=1.0, return_entropy=False):
+    """log softmax(hidden @ weight.T / temperature)[i, targets[i]] for each row i, as fp32 [N].
+
+    hidden [N, D] and weight [V, D] (fp32, or bf16/fp16 with fp32 softmax and accumulation),
+    targets [N] int64. Differentiable in hidden and weight; never holds more than
+    chunk_size x V logits. Select the trainable rows (e.g. hidden[mask]) BEFORE calling:
+    masked positions then cost nothing. With return_entropy=True also returns each row's
+    entropy of softmax(logits / temperature), detached (for logging).
+    """
+    # the kernel picks its own precisions (GEMMs in weight's dtype, softmax and sums in fp32), so
+    # autocast is switched off inside it; hidden is cast to weight's dtype (its gradient casts back)
+    with torch.autocast(hidden.device.type, enabled=False):
+        hidden = hidden.to(weight.dtype)
+        return FusedLogprobs.apply(hidden, weight, targets.long(), chunk_size, float(temperature), return_entropy)

@@ -1,0 +1,861 @@
+"""
+Run model-written Python under resource limits, fast.
+
+Every stage of the EM loop executes code a language model wrote: thousands of snippets per
+iteration, on the user's own training machine. This file is the guard between the two.
+
+What it is, honestly: a guard against ACCIDENTS by model-written code (an infinite loop, a
+10**10-element list, `rm -rf` of the wrong dir, a fork in a loop, a print in a loop), not a
+container for hostile code. It uses what the Linux kernel offers (Linux only) and says once,
+loudly, what is not available.
+
+How one snippet runs (read top to bottom):
+
+    trainer --(pipe: code + limits)--> launcher --fork--> child = PID 1 of a fresh PID namespace
+                                          |                  own mount namespace, tmpfs work dir,
+                                          |                  fresh /proc, memory cgroup, rlimits,
+                                          |                  own uid, Landlock, seccomp -> exec(code)
+                                          +-- reads stdout/stderr with a byte cap, enforces the
+                                              wall clock, SIGKILLs the child and reaps it
+
+1. The launcher is started once (per worker) and pre-imports numpy and sympy, so a run costs a
+   fork, not an interpreter start plus imports: this is where the throughput comes from.
+2. The child is PID 1 of its own PID namespace: when it dies the kernel kills every process it
+   left behind (setsid'ed, double-forked or not), and it cannot see, hence not signal, anything
+   outside. Where namespaces are not permitted, the launcher is a child subreaper and sweeps.
+3. The launcher lives in its own network namespace (no interface is up: no TCP, no UDP, abstract
+   unix sockets are private); seccomp also refuses socket(2), which covers unix socket files.
+4. Landlock (ABI >= 1) allows writing only inside the work dir and reading only the system and
+   Python's own dirs; (ABI >= 4) no TCP bind/connect; (ABI >= 6) no signals leave the sandbox.
+5. As root, the child switches to a uid of its own (so RLIMIT_NPROC counts and file permissions
+   apply) keeping only CAP_DAC_READ_SEARCH, so an interpreter under /root stays importable; and
+   a memory cgroup bounds the whole tree (RLIMIT_AS bounds each process only).
+
+CLI:  python sandbox.py FILE.py          run a file, print the Result as JSON
+      python sandbox.py --bench          throughput vs naive `subprocess.run([python, "-c", code])`
+"""
+
+import argparse
+import atexit
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# -----------------------------------------------------------------------------
+# Default limits (each overridable per call: run(code, timeout=..., memory_mb=..., disk_mb=...))
+TIMEOUT = 5.0          # wall-clock seconds per run; sleeping code is stopped too
+MEMORY_MB = 1024       # address space the snippet may add on top of the pre-loaded interpreter (RLIMIT_AS)
+OUTPUT_BYTES = 65536   # stdout (and separately stderr) beyond this -> killed, status "output_limit"
+FILE_SIZE_MB = 16      # largest single file (RLIMIT_FSIZE)
+DISK_MB = 64           # total size of the work dir (a private tmpfs): many small files count too
+MAX_FILES = 2048       # files + dirs in the work dir (tmpfs inodes)
+OPEN_FILES = 256       # RLIMIT_NOFILE
+PROCESSES = 32         # processes + threads of the run (RLIMIT_NPROC on the run's own uid)
+PRELOAD = ("numpy", "sympy")  # imported once by the launcher so `import sympy` is free in a run
+UID_BASE = 1_700_000_000     # runs of launcher k get uid UID_BASE + its pid: no other process has it
+DISABLE = ()  # protections not to attempt, e.g. ("pid_ns", "landlock"): to test the fallbacks
+# With Landlock, a run may read only these (plus the interpreter's prefixes, sys.path, its work
+# dir): the system, not the users' homes, /tmp or the trainer's working files with their tokens.
+READABLE = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/dev", "/proc", "/sys",
+            "/var/lib", "/nix", "/snap")
+
+LIMIT_NAMES = ("timeout", "memory_mb", "output_bytes", "file_size_mb", "disk_mb", "max_files",
+               "open_files", "processes")
+DEFAULT_LIMITS = dict(timeout=TIMEOUT, memory_mb=MEMORY_MB, output_bytes=OUTPUT_BYTES,
+                      file_size_mb=FILE_SIZE_MB, disk_mb=DISK_MB, max_files=MAX_FILES,
+                      open_files=OPEN_FILES, processes=PROCESSES)
+
+# The only environment a run sees; nothing of the trainer's (tokens, keys, paths) gets through.
+# One BLAS thread: threads count against PROCESSES and each reserves address space.
+CHILD_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+    "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
+    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1",
+}
+
+
+@dataclasses.dataclass
+class Result:
+    status: str          # ok | error | timeout | memory | output_limit | sandbox_error
+    stdout: str = ""
+    stderr: str = ""
+    elapsed: float = 0.0  # seconds, wall clock, as seen by the launcher
+    truncated: bool = False
+    error: str = ""      # last traceback line ("NameError: name 'x' is not defined") or ""
+
+
+# Our own failures (a launcher that died, a namespace that could not be made) are never blamed on
+# the model: they get status "sandbox_error" and are counted here so a trainer can report them.
+sandbox_errors = 0
+
+# -----------------------------------------------------------------------------
+# Kernel interfaces through ctypes (no dependencies): unshare/mount/prctl, Landlock, seccomp, capset
+
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 8, 38, 22
+PR_SET_CHILD_SUBREAPER = 36
+MACHINE = os.uname().machine
+# syscall numbers that differ per architecture: (capset, socket, audit arch)
+ARCH = {"x86_64": (126, 41, 0xC000003E), "aarch64": (91, 198, 0xC00000B7)}.get(MACHINE)
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+
+
+def _check(ret, what):
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def unshare(flags):
+    _check(libc.unshare(flags), "unshare")
+
+
+def setns(fd, nstype):
+    _check(libc.setns(fd, nstype), "setns")
+
+
+def mount(source, target, fstype, flags, data=None):
+    enc = lambda s: s.encode() if s is not None else None
+    _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+def prctl(option, arg):
+    _check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
+
+
+def landlock_abi():
+    try:
+        return max(0, libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1))  # 1 = CREATE_RULESET_VERSION
+    except Exception:
+        return 0
+
+
+def landlock_restrict(abi, workdir, readable, extra_writable):
+    """Reading and executing below `readable`; writing only below workdir (+ /dev/null, a private
+    /dev/shm); with ABI >= 4 no TCP bind/connect (no rule allows any port); with ABI >= 6 no
+    signals and no abstract unix sockets outside this Landlock domain."""
+    read = 1 | 4 | 8  # EXECUTE | READ_FILE | READ_DIR
+    everything = (1 << 13) - 1  # EXECUTE .. MAKE_SYM (ABI 1)
+    if abi >= 2: everything |= 1 << 13  # REFER
+    if abi >= 3: everything |= 1 << 14  # TRUNCATE
+    net = 0b11 if abi >= 4 else 0        # BIND_TCP | CONNECT_TCP
+    scoped = 0b11 if abi >= 6 else 0     # ABSTRACT_UNIX_SOCKET | SIGNAL
+    attr = struct.pack("QQQ", everything, net, scoped)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    ruleset = _check(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, size, 0), "landlock_create_ruleset")
+    try:
+        def allow(path, access):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = struct.pack("=Qi", access, fd)  # struct landlock_path_beneath_attr is packed
+                _check(libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        for path in readable:
+            allow(path, read if os.path.isdir(path) else 1 | 4)
+        allow(workdir, everything)
+        for path in extra_writable:
+            allow(path, everything if os.path.isdir(path) else 1 | 2 | 4 | (1 << 14 if abi >= 3 else 0))
+        _check(libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
+def seccomp_deny_socket():
+    """A 6-instruction BPF filter: socket(2) fails with EACCES (socketpair, used by multiprocessing,
+    still works). This is what stops connect() to a unix socket file elsewhere on the machine."""
+    _, nr_socket, audit_arch = ARCH
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | 13  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, allow),  # other ABIs: leave alone
+            (ld, 0, 0, 0), (jset, 2, 0, 0x40000000),                       # x32 syscalls: deny
+            (jeq, 1, 0, nr_socket), (ret, 0, 0, allow), (ret, 0, 0, deny)]
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
+    fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
+    _check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.c_char_p(fprog), 0, 0), "seccomp")
+
+
+def keep_only_capabilities(cap):
+    """Drop every capability but `cap`. After setuid from root we keep CAP_DAC_READ_SEARCH (read
+    any file): the interpreter may live under a 0700 /root. Writing is governed by the new uid."""
+    header = struct.pack("Ii", 0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3, this process
+    data = struct.pack("IIIIII", cap, cap, 0, 0, 0, 0)  # effective, permitted, inheritable (x2)
+    _check(libc.syscall(ARCH[0], header, data), "capset")
+
+
+def make_memory_cgroup():
+    """A memory cgroup for this launcher's runs: RLIMIT_AS bounds one process, this bounds the
+    whole tree (32 forked children x 1 GB each would otherwise be 32 GB). cgroup v1 (a `memory`
+    hierarchy) or v2 (unified, where the kernel lets us enable the controller). Returns
+    (dir, limit file, events file) or raises OSError."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+    if v1 and os.path.isdir("/sys/fs/cgroup/memory"):
+        parent, limit_file, events_file = f"/sys/fs/cgroup/memory{v1[0]}", "memory.limit_in_bytes", "memory.oom_control"
+    else:
+        parent = "/sys/fs/cgroup" + next(path for hierarchy, _, path in lines if hierarchy == "0")
+        limit_file, events_file = "memory.max", "memory.events"
+        with open(f"{parent}/cgroup.subtree_control", "w") as f:
+            f.write("+memory")
+    for name in os.listdir(parent):  # groups left by launchers that were killed
+        if name.startswith("tocode-") and not os.path.exists(f"/proc/{name[7:]}"):
+            try:
+                os.rmdir(f"{parent}/{name}")
+            except OSError:
+                pass
+    group = f"{parent}/tocode-{os.getpid()}"
+    os.makedirs(group, exist_ok=True)
+    if not os.path.exists(f"{group}/{limit_file}"):
+        raise OSError(0, f"no {limit_file} in {group}")
+    return group, limit_file, events_file
+
+
+def oom_kills(group, events_file):
+    with open(f"{group}/{events_file}") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
+
+
+# -----------------------------------------------------------------------------
+# The child: what happens between fork() and the snippet's first line
+
+def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid):
+    """Runs in the forked child (PID 1 of its namespace when permitted). Never returns."""
+    limits = request["limits"]
+    try:
+        os.setsid()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so do we
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in a normal interpreter: BrokenPipeError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large file raises OSError instead
+        writable = []
+        if "mount_ns" in features:
+            unshare(CLONE_NEWNS)
+            mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks to the host
+            # The work dir is a private tmpfs: total bytes and file count are bounded, and it
+            # vanishes with the namespace, whatever the snippet left in it.
+            mount("tocode", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+                  f"size={limits['disk_mb']}m,nr_inodes={limits['max_files']},mode=0700,uid={run_uid},gid={run_uid}")
+            if os.path.isdir("/dev/shm"):  # multiprocessing's semaphores live here
+                mount("tocode", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"size={limits['disk_mb']}m,nr_inodes=256,mode=1777")
+                writable.append("/dev/shm")
+            if "proc" in features:  # a /proc of our PID namespace: other processes (and their environ) are invisible
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        elif run_uid:
+            os.chown(workdir, run_uid, run_uid)
+        if "cgroup" in features:  # "0": this process; its descendants follow
+            with open(f"{features['cgroup'][0]}/cgroup.procs", "w") as f:
+                f.write("0")
+        os.chdir(workdir)
+        # stdin reads EOF; stdout/stderr are the launcher's capped pipes; nothing else stays open
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(stdout_w, 1)
+        os.dup2(stderr_w, 2)
+        os.closerange(3, status_w)
+        os.closerange(status_w + 1, 65536)
+        os.environ.clear()
+        os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
+        tempfile.tempdir = workdir  # the launcher's cached choice (/tmp) is not writable here
+        import resource
+        cpu = int(limits["timeout"]) + 2
+        for name, value in (("RLIMIT_CPU", cpu), ("RLIMIT_FSIZE", limits["file_size_mb"] << 20),
+                            ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0),
+                            ("RLIMIT_NPROC", limits["processes"])):
+            resource.setrlimit(getattr(resource, name), (value, value))
+        if run_uid:  # root: become nobody-like, so NPROC counts and file permissions apply
+            os.setgroups([])
+            os.setresgid(run_uid, run_uid, run_uid)
+            prctl(PR_SET_KEEPCAPS, 1)
+            os.setresuid(run_uid, run_uid, run_uid)
+            keep_only_capabilities(1 << 2)  # CAP_DAC_READ_SEARCH
+        elif ARCH:  # root of a user namespace: its capabilities are not needed either
+            keep_only_capabilities(0)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if "landlock" in features:
+            landlock_restrict(features["landlock"], workdir, features["readable"], [os.devnull] + writable)
+        if "seccomp" in features:
+            seccomp_deny_socket()
+        # RLIMIT_AS last and relative: the forked interpreter already maps numpy and sympy
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        address_space = mapped + (limits["memory_mb"] << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    except BaseException as e:
+        try:
+            os.write(status_w, f"setup failed: {e!r}".encode()[:4000])
+        finally:
+            os._exit(111)
+    os.write(status_w, b"R")  # setup done: from here on, everything is the snippet's doing
+    os.close(status_w)
+    rc = 1
+    try:
+        rc = run_snippet(request["code"])
+    finally:
+        os._exit(rc)
+
+
+def run_snippet(code):
+    import atexit as _atexit, builtins, io, linecache, traceback, types
+    _atexit._clear()
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                  line_buffering=True)
+    sys.argv = ["<cell>"]
+    linecache.cache["<cell>"] = (len(code), None, code.splitlines(True), "<cell>")  # tracebacks show source
+    rc = 0
+    try:
+        main = types.ModuleType("__main__")  # a fresh __main__, so pickling the snippet's classes works
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        exec(compile(code, "<cell>", "exec"), main.__dict__)
+        threading._shutdown()  # like a normal interpreter: wait for non-daemon threads
+        _atexit._run_exitfuncs()
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if rc and e.code is not None:
+            print(f"SystemExit: {e.code}", file=sys.stderr)
+    except BaseException as e:
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the snippet's frame on
+        rc = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    return rc
+
+
+# -----------------------------------------------------------------------------
+# The launcher: a pre-started interpreter that forks one limited child per request
+
+def _send(fd, obj):
+    data = json.dumps(obj).encode()
+    data = struct.pack("I", len(data)) + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _recv(fd):
+    def exactly(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+    (n,) = struct.unpack("I", exactly(4))
+    return json.loads(exactly(n))
+
+
+def launcher_main():
+    """Entry point of `python sandbox.py --launcher`: talks length-prefixed JSON on stdin/stdout.
+    It exits when the trainer closes the pipe or dies (EOF). Not PR_SET_PDEATHSIG: that fires when
+    the trainer's *thread* that started us ends, e.g. a run_many worker thread."""
+    hello = _recv(0)
+    sys.path[:] = hello["sys_path"]
+    disable = set(hello["disable"])
+    notes = []  # what could not be set up, reported once to the trainer
+    features = {}
+    is_root = os.geteuid() == 0
+    if not is_root:  # an unprivileged user namespace gives us the rights to make the others
+        try:
+            uid, gid = os.geteuid(), os.getegid()
+            unshare(CLONE_NEWUSER)
+            for path, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+                with open(f"/proc/self/{path}", "w") as f:
+                    f.write(text)
+        except OSError as e:
+            notes.append(f"no user namespace ({e.strerror}), so no other namespace either")
+    try:  # a network namespace for the launcher's life: its runs see no interface at all
+        if "net_ns" in disable:
+            raise OSError(0, "disabled")
+        unshare(CLONE_NEWNET)
+        features["net_ns"] = True
+    except OSError as e:
+        notes.append(f"no network namespace ({e.strerror}): network blocked only by Landlock/seccomp")
+    try:
+        if "pid_ns" in disable:
+            raise OSError(0, "disabled")
+        if not is_root:
+            # We may only return (setns) to a PID namespace our user namespace owns: so the
+            # launcher proper becomes PID 1 of one of its own, and this process just waits.
+            unshare(CLONE_NEWPID)
+            if os.fork():
+                os.wait()
+                os._exit(0)
+            _own_pid_ns()
+        unshare(CLONE_NEWPID)
+        setns(_own_pid_ns(), CLONE_NEWPID)
+        features["pid_ns"] = features["proc"] = True
+    except OSError as e:
+        notes.append(f"no PID namespace ({e.strerror}): escaped processes are swept by a subreaper instead")
+    features["mount_ns"] = True  # kept if the probe below can make one
+    try:
+        if "cgroup" in disable or not is_root:
+            raise OSError(0, "disabled" if is_root else "not root")
+        features["cgroup"] = make_memory_cgroup()
+    except (OSError, StopIteration) as e:
+        notes.append(f"no memory cgroup ({getattr(e, 'strerror', e)}): memory is bounded per process only "
+                     f"(RLIMIT_AS x PROCESSES)")
+    prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back to us, not to init
+    abi = landlock_abi()
+    if abi:
+        features["landlock"] = abi
+        python_paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+        features["readable"] = sorted({os.path.realpath(p) for p in (*READABLE, *python_paths, *sys.path)
+                                      if os.path.exists(p)})
+    else:
+        notes.append("no Landlock: files outside the work dir are protected only by file permissions")
+    if ARCH:
+        features["seccomp"] = True
+    run_uid = UID_BASE + os.getpid() if is_root else 0
+    for name in PRELOAD:  # a failed optional import is the snippet's problem later, not ours
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    import resource  # noqa: F401 (imported here once, not in every child)
+    gc.freeze()  # the pre-loaded objects are never scanned by a child's gc, so never copied-on-write
+    for name in os.listdir(tempfile.gettempdir()):  # left by launchers that were killed
+        if re.fullmatch(r"tocode-sandbox-(\d+)-\w+", name) and not os.path.exists(f"/proc/{name.split('-')[2]}"):
+            try:
+                os.rmdir(os.path.join(tempfile.gettempdir(), name))
+            except OSError:
+                pass
+    base = tempfile.mkdtemp(prefix=f"tocode-sandbox-{os.getpid()}-")
+    os.chmod(base, 0o711)  # the run's uid must be able to reach its work dir
+    try:  # the runs' work dirs are made and removed on a tmpfs of ours: rmdir on ext4 can take ms
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("tocode", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0711")
+    except OSError:
+        pass
+    # Probe: add the optional protections one at a time, keeping each whose setup works here; later
+    # runs then treat any setup failure as our error rather than silently running less protected.
+    wanted = {name: features.pop(name) for name in ("cgroup", "mount_ns", "proc", "landlock", "seccomp") if name in features}
+    for name, value in wanted.items():
+        if name in disable or name == "proc" and "mount_ns" not in features:
+            notes.append(f"no {name}")
+            continue
+        probe = execute_safely({"code": "pass", "limits": DEFAULT_LIMITS}, base, dict(features, **{name: value}), run_uid)
+        if probe["status"] == "ok":
+            features[name] = value
+        else:
+            if name == "cgroup":
+                os.rmdir(value[0])
+            notes.append(f"could not set up {name} ({probe['error']}): running without it")
+    _send(1, {"features": features, "notes": notes, "uid": run_uid})
+    while True:
+        try:
+            request = _recv(0)
+        except EOFError:
+            break
+        _send(1, execute_safely(request, base, features, run_uid))
+    libc.umount2(base.encode(), 2)  # MNT_DETACH
+    os.rmdir(base)
+    if "cgroup" in features:
+        os.rmdir(features["cgroup"][0])
+
+
+def execute_safely(request, base, features, run_uid):
+    try:
+        return execute(request, base, features, run_uid)
+    except Exception as e:  # e.g. fork() failing: our failure, reported, and the launcher lives on
+        return dict(status="sandbox_error", stdout="", stderr="", elapsed=0.0, truncated=False,
+                    error=f"SandboxError: {type(e).__name__}: {e}")
+
+
+def execute(request, base, features, run_uid):
+    """One run: fork the child, feed its output through a byte cap, enforce the clock, kill, reap."""
+    limits = request["limits"]
+    if "cgroup" in features:  # the tree's new pages: the snippet's memory, its files in tmpfs, some slack
+        group, limit_file, events_file = features["cgroup"]
+        with open(f"{group}/{limit_file}", "w") as f:
+            f.write(str((limits["memory_mb"] + 2 * limits["disk_mb"] + 64) << 20))
+        oom_before = oom_kills(group, events_file)
+    workdir = tempfile.mkdtemp(dir=base)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    status_r, status_w = os.pipe()
+    start = time.monotonic()
+    pid = None
+    try:
+        if "pid_ns" in features:
+            unshare(CLONE_NEWPID)  # the next fork() is PID 1 of a fresh namespace ...
+        pid = os.fork()
+        if pid == 0:
+            child_main(request, workdir, out_w, err_w, status_w, features, run_uid)
+    finally:
+        if "pid_ns" in features:
+            setns(_own_pid_ns(), CLONE_NEWPID)  # ... and only that one
+        for fd in (out_w, err_w, status_w):
+            os.close(fd)
+        if pid is None:  # fork() failed
+            for fd in (out_r, err_r, status_r):
+                os.close(fd)
+            os.rmdir(workdir)
+    pidfd = os.pidfd_open(pid)
+    outputs = {out_r: bytearray(), err_r: bytearray()}
+    open_fds = [out_r, err_r, status_r, pidfd]
+    status_msg = bytearray()
+    deadline = start + 10  # for our setup; the snippet's clock starts when setup reports "R"
+    started = False
+    cap = limits["output_bytes"]
+    verdict = None
+    exited = False
+    # Until the tree has ended (PID 1 exited: the namespace is gone, all pipes reach EOF), the
+    # clock runs out, or the output passes the cap.
+    while open_fds and verdict is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            verdict = "timeout"
+            break
+        ready, _, _ = select.select(open_fds, [], [], remaining)
+        for fd in ready:
+            if fd == pidfd:
+                exited = True
+                open_fds.remove(pidfd)
+                _, wait_status, usage = os.wait4(pid, 0)
+                if "pid_ns" not in features:
+                    sweep()  # without a PID namespace, escaped descendants could hold the pipes open
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.remove(fd)
+            elif fd == status_r:
+                status_msg += chunk[:4096]
+                if not started and status_msg.startswith(b"R"):
+                    started = True
+                    deadline = time.monotonic() + limits["timeout"]
+            else:
+                outputs[fd] += chunk[: cap + 1 - len(outputs[fd])]
+                if len(outputs[fd]) > cap:
+                    verdict = "output_limit"
+    # Kill the whole tree: PID 1 dying takes its namespace with it; otherwise sweep orphans.
+    if not exited:
+        os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid cannot have been reused
+        _, wait_status, usage = os.wait4(pid, 0)
+    if "pid_ns" not in features:
+        sweep()
+    status_msg += _read_nonblocking(status_r)
+    for fd in (out_r, err_r, status_r, pidfd):
+        os.close(fd)
+    elapsed = time.monotonic() - start
+    try:
+        os.rmdir(workdir)  # the tmpfs was on top of it; it is empty again
+    except OSError:
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    stdout = bytes(outputs[out_r][:cap]).decode("utf-8", "replace")
+    stderr = bytes(outputs[err_r][:cap]).decode("utf-8", "replace")
+    truncated = len(outputs[out_r]) > cap or len(outputs[err_r]) > cap
+    result = dict(stdout=stdout, stderr=stderr, elapsed=elapsed, truncated=truncated, error="")
+    if "cgroup" in features and oom_kills(group, events_file) > oom_before:  # the cause of whatever followed
+        verdict = verdict if verdict == "output_limit" else "memory"
+    if not status_msg.startswith(b"R"):  # died before the snippet started: our failure
+        return dict(result, status="sandbox_error", error=status_msg.decode(errors="replace") or "sandbox setup did not finish")
+    if verdict:
+        return dict(result, status=verdict, error={
+            "timeout": f"TimeoutError: execution timed out after {limits['timeout']:g} s",
+            "output_limit": f"OutputLimitError: output exceeded {cap} bytes",
+            "memory": "MemoryError: the run's processes together exceeded the memory limit"}[verdict])
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code == 0:
+        return dict(result, status="ok")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else ""
+    if code in (-signal.SIGXCPU, -signal.SIGKILL) and usage.ru_utime + usage.ru_stime >= int(limits["timeout"]) + 1:
+        return dict(result, status="timeout", error="TimeoutError: CPU time limit exceeded")
+    if code < 0:
+        last = f"killed by signal {signal.Signals(-code).name}"
+    if "MemoryError" in last or "Cannot allocate memory" in stderr[-2000:]:
+        return dict(result, status="memory", error=last if "MemoryError" in last else "MemoryError: memory limit exceeded")
+    return dict(result, status="error", error=last or f"exit code {code}")
+
+
+_own_ns_fd = None
+
+
+def _own_pid_ns():
+    global _own_ns_fd
+    if _own_ns_fd is None:
+        _own_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    return _own_ns_fd
+
+
+def _read_nonblocking(fd):
+    data = b""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def sweep():
+    """Kill and reap every child of the launcher (the subreaper): orphans of a run land here.
+    Repeated, because killing a process re-parents its own children to us."""
+    for _ in range(1000):
+        children = set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    children.update(int(p) for p in f.read().split())
+            except OSError:
+                pass
+        if not children:
+            return
+        for child in children:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for child in children:
+            try:
+                os.waitpid(child, 0)
+            except ChildProcessError:
+                pass
+
+
+# -----------------------------------------------------------------------------
+# The trainer's side: a pool of launchers, one per concurrent run
+
+# The launcher's own environment: CHILD_ENV, plus a memory layout that makes fork() cheaper. A
+# fork copies one page-table entry per 4 KiB page of the ~45 MB the pre-loaded modules occupy;
+# with all Python objects in glibc's heap (PYTHONMALLOC=malloc) and that heap on transparent huge
+# pages, it copies one entry per 2 MiB instead (a child's write still copies only 4 KiB).
+LAUNCHER_ENV = dict(CHILD_ENV, PYTHONMALLOC="malloc", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+
+
+class Launcher:
+    def __init__(self):
+        env = dict(LAUNCHER_ENV)
+        self.proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "--launcher"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        _send(self.proc.stdin.fileno(), {"sys_path": [p for p in sys.path if p], "disable": list(DISABLE)})
+        self.hello = self.receive(timeout=120)
+
+    def receive(self, timeout):
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], timeout)[0]:
+            raise TimeoutError("launcher did not answer")
+        return _recv(fd)
+
+    def close(self, graceful=True):
+        """EOF on its stdin makes the launcher remove its work dirs and cgroup and exit."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=2 if graceful else 0)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_idle = []
+_pool_lock = threading.Lock()
+_pool_pid = None
+_warned = False
+
+
+def _checkout():
+    global _pool_pid, _warned
+    with _pool_lock:
+        if _pool_pid != os.getpid():  # after a fork of the trainer, the launchers are not ours
+            _idle.clear()
+            _pool_pid = os.getpid()
+        while _idle:
+            launcher = _idle.pop()
+            if launcher.proc.poll() is None:
+                return launcher
+    launcher = Launcher()
+    if launcher.hello["notes"] and not _warned:
+        _warned = True
+        print("sandbox.py: WARNING, weaker isolation on this machine:\n  " + "\n  ".join(launcher.hello["notes"]),
+              file=sys.stderr)
+    return launcher
+
+
+@atexit.register
+def shutdown():
+    """Stop the idle launchers (they also exit by themselves when the trainer dies: EOF)."""
+    with _pool_lock:
+        while _idle:
+            _idle.pop().close()
+
+
+def run(code: str, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, **other_limits) -> Result:
+    """Run `code` in a fresh limited process and work dir. Never raises for any code string
+    (an unknown limit name is a caller's bug and raises TypeError)."""
+    global sandbox_errors
+    unknown = set(other_limits) - set(LIMIT_NAMES)
+    if unknown:
+        raise TypeError(f"unknown sandbox limits: {sorted(unknown)}; known: {LIMIT_NAMES}")
+    limits = dict(DEFAULT_LIMITS, **other_limits, timeout=float(timeout), memory_mb=int(memory_mb))
+    launcher = None
+    try:
+        launcher = _checkout()
+        _send(launcher.proc.stdin.fileno(), {"code": str(code), "limits": limits})
+        answer = launcher.receive(timeout=limits["timeout"] + 30)
+        result = Result(**answer)
+    except BaseException as e:
+        if launcher:
+            launcher.close(graceful=False)
+            launcher = None
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        result = Result(status="sandbox_error", error=f"SandboxError: {type(e).__name__}: {e}")
+    if launcher:
+        with _pool_lock:
+            _idle.append(launcher)
+    if result.status == "sandbox_error":
+        with _pool_lock:
+            sandbox_errors += 1
+        print(f"sandbox.py: sandbox_error #{sandbox_errors}: {result.error}", file=sys.stderr)
+    return result
+
+
+def run_many(codes: list, workers: int | None = None, **limits) -> list:
+    """run() each code, `workers` at a time (default: one per CPU); results in input order."""
+    codes = list(codes)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(codes) or 1))
+    if workers == 1:
+        return [run(code, **limits) for code in codes]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda code: run(code, **limits), codes))
+
+
+# -----------------------------------------------------------------------------
+# Tool-integrated reasoning: cells of a response -> a program -> what the model reads back
+
+CELL = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_cells(text: str) -> list:
+    """The ```python blocks of a response, in order."""
+    return [cell.rstrip("\n") + "\n" if cell.strip() else cell for cell in CELL.findall(text)]
+
+
+def program_for_cells(cells: list) -> str:
+    """The program run for the LAST cell: earlier cells are replayed first, silenced, their
+    exceptions swallowed (as in a notebook where they already ran), so their variables exist."""
+    if not cells:
+        return ""
+    if len(cells) == 1:
+        return cells[0]
+    replay = (
+        "import contextlib as _tocode_contextlib, io as _tocode_io\n"
+        f"for _tocode_cell in {list(cells[:-1])!r}:\n"
+        "    try:\n"
+        "        with _tocode_contextlib.redirect_stdout(_tocode_io.StringIO()), "
+        "_tocode_contextlib.redirect_stderr(_tocode_io.StringIO()):\n"
+        "            exec(compile(_tocode_cell, '<earlier cell>', 'exec'), globals())\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "del _tocode_cell, _tocode_contextlib, _tocode_io\n"
+    )
+    return replay + cells[-1]
+
+
+def format_output(result: Result, max_chars: int = 512) -> str:
+    """What the model reads inside its ```output block."""
+    if result.status in ("ok", "output_limit"):
+        text = result.stdout.rstrip()
+    elif result.status == "sandbox_error":
+        text = "SandboxError: the code could not be run"
+    else:
+        text = result.error or result.status
+    if len(text) > max_chars:
+        text = text[:max_chars] + f"\n... [{len(text) - max_chars} more characters]"
+    if result.status == "output_limit":
+        text += "\n" + result.error
+    return text
+
+
+def tool(responses: list, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, workers=None) -> list:
+    """The sampler's callback: each response text ends right after "```output"; run its cells."""
+    programs = [program_for_cells(extract_cells(text)) for text in responses]
+    runnable = [i for i, program in enumerate(programs) if program.strip()]
+    results = dict(zip(runnable, run_many([programs[i] for i in runnable], workers=workers,
+                                          timeout=timeout, memory_mb=memory_mb)))
+    no_code = Result(status="error", error="SyntaxError: no python code block to run")
+    return [(format_output(results.get(i, no_code)), results.get(i, no_code).status) for i in range(len(responses))]
+
+
+# -----------------------------------------------------------------------------
+# CLI: run a file, or benchmark against naive subprocess.run
+
+def bench(n, workers):
+    codes = [f"x = {i}\nprint(x * x + 1)" for i in range(n)]
+    t0 = time.perf_counter()
+    run_many(codes[:workers], workers=workers)
+    cold = time.perf_counter() - t0
+    naive_times, ours_times, latencies = [], [], []
+    for _ in range(2):  # alternate, so a busy neighbour hurts both sides alike
+        t0 = time.perf_counter()
+        for code in codes:
+            subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+        naive_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        results = run_many(codes, workers=workers)
+        ours_times.append(time.perf_counter() - t0)
+        assert all(r.status == "ok" and r.stdout == f"{i * i + 1}\n" for i, r in enumerate(results)), results[:3]
+    for code in codes[:50]:
+        t0 = time.perf_counter()
+        run(code)
+        latencies.append(time.perf_counter() - t0)
+    naive, ours = min(naive_times), min(ours_times)
+    latencies.sort()
+    print(f"{n} trivial snippets, {workers} workers, {os.cpu_count()} CPUs")
+    print(f"naive sequential subprocess.run : {naive:.2f} s  ({n / naive:.0f} runs/s)")
+    print(f"sandbox.run_many (launchers up) : {ours:.2f} s  ({n / ours:.0f} runs/s)")
+    print(f"throughput ratio                : {naive / ours:.1f}x   (incl. starting the launchers: "
+          f"{naive / (ours + cold):.1f}x; start took {cold:.2f} s)")
+    print(f"p50 latency of one run()        : {latencies[len(latencies) // 2] * 1000:.1f} ms "
+          f"(p90 {latencies[int(len(latencies) * 0.9)] * 1000:.1f} ms)")
+    launcher = _checkout()
+    print("protections:", ", ".join(name for name in launcher.hello["features"] if name != "readable"),
+          "| missing:", "; ".join(launcher.hello["notes"]) or "none")
+    _idle.append(launcher)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--launcher"]:
+        launcher_main()
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description="Run Python under the tocode sandbox, or benchmark it.")
+    parser.add_argument("file", nargs="?", help="a .py file to run; prints the Result as JSON")
+    parser.add_argument("--bench", action="store_true", help="throughput vs naive subprocess.run")
+    parser.add_argument("--n", type=int, default=200, help="snippets in the benchmark")
+    parser.add_argument("--workers", type=int, default=2, help="concurrent runs in the benchmark")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT)
+    parser.add_argument("--memory_mb", type=int, default=MEMORY_MB)
+    args = parser.parse_args()
+    if args.bench:
+        bench(args.n, args.workers)
+    elif args.file:
+        with open(args.file) as f:
+            print(json.dumps(dataclasses.asdict(run(f.read(), timeout=args.timeout, memory_mb=args.memory_mb)), indent=2))
+    else:
+        parser.print_help()

@@ -1,0 +1,431 @@
+"""
+The E-step, part 2: from explored rollouts to the M-step's training data.
+
+explore.py drew, for every query x, K rollouts guided to code, K guided to CoT and K native
+(unguided) ones, and graded them. This file turns them into training records, query by query:
+
+  1. Q(x,c)   how good method c is on x: the mean reward of the rollouts guided to c, with a small
+              cost per code execution, so that "as good as code" means "prefer CoT";
+  2. π(c|x)   how often the model picks c by itself: the share of its native rollouts that ran code,
+              smoothed so that "never in K samples" is not "impossible";
+  3. s*(c|x)  the reference strategy, the posterior that makes the ELBO of DESIGN.md §1 tight,
+              or its tempered / argmax forms;
+  4. draw M training rollouts for x from the guided pools with weights s*(c|x);
+  5. whiten their rewards into advantages within the query's group;
+  6. strip the guidance: every training prompt is the AUTONOMOUS prompt, so the model learns to
+     make by itself the choice the guidance made for it. The behaviour log-probs stay those of the
+     guided prompt that really produced the tokens: train.py's importance ratio is taken against
+     them (off-policy, DESIGN.md §1 M-step).
+
+    python synthesize.py --rollouts=rollouts.jsonl --out=train.jsonl [--strategy=em|rl|sft]
+           [--form=posterior|tempered|argmax] [--alpha=10] [--code_cost=0.05] [--reflect=1 --model=DIR]
+
+Writes OUT (one training record per line: the contract with train.py), OUT.summary.json beside
+it, and prints a per-family table: the model's own code share next to the reference strategy's.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from data import write_json_atomic
+
+# ----------------------------------------------------------------------------- hyperparameters
+strategy = "em"          # em: the paper (guided pools weighted by s*); rl: RL-only ablation (native
+                         # rollouts, no reference strategy); sft: SFT-only ablation (D_s*, correct only)
+form = "tempered"        # posterior: s* ∝ π·Q (exact E-step); tempered: s* ∝ exp(α·π·Q) (the paper);
+                         # argmax: the α = ∞ limit (paper v1)
+alpha = 10.0             # inverse temperature of the tempered form; π·Q lies in [0,1], so a gap of
+                         # 0.3 in π·Q is a factor e^3 ≈ 20 between the methods
+code_cost = 0.05         # reward subtracted per code execution inside Q(x,code): ties go to CoT
+pi_source = "samples"    # samples: π(code|x) from the native rollouts; prob: from the model's probability
+                         # of opening a ```python block (explore.py's p_code_open)
+pi_prior = 1.0           # pseudo-count a per method: π(code|x) = (n_code + a) / (K + 2a); a = 1 is
+                         # Laplace's rule of succession (0 of 4 → 1/6, 4 of 4 → 5/6)
+samples_per_query = 0    # M: training rollouts drawn per query from the guided pools with weights s*
+                         # (0: K, the size of one guided pool; more than K cannot be drawn without repeats)
+adv_eps = 1e-6           # in A = (r − mean) / (std + eps)
+reflect = 0              # self-reflective examples per query (paper v1); 0 = off. Needs --model
+hint_to_code = "\nThis may be wrong. Let me use python.\n"     # between a failed CoT and a code retry
+hint_to_cot = "\nThis may be wrong. Let me think again.\n"     # between a failed code and a CoT retry
+model = ""               # checkpoint dir whose tokenizer encodes the hints (only with --reflect)
+seed = 0                 # subsampling is reproducible: one generator per (seed, query id)
+
+METHODS = ("code", "cot")
+FORMS = ("posterior", "tempered", "argmax")
+GUIDED_MODES = {"code": "code", "cot": "cot"}   # method → the explore mode whose prompt guides to it
+NATIVE_MODE = "auto"
+REQUIRED = ("id", "query_id", "mode", "response_ids", "sampled_mask", "behaviour_logprobs", "calls",
+            "correct")
+
+
+# ----------------------------------------------------------------------------- reading rollouts
+def read_rollouts(path):
+    """Every line a rollout record from explore.py; a malformed line is named by file and line."""
+    rollouts, seen = [], {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in REQUIRED if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: rollout record lacks {', '.join(missing)}")
+            n = len(record["response_ids"])
+            if len(record["sampled_mask"]) != n or len(record["behaviour_logprobs"]) != n:
+                raise ValueError(f"{path}:{lineno}: response_ids, sampled_mask and behaviour_logprobs "
+                                 f"differ in length")
+            if record["mode"] != NATIVE_MODE and "auto_prompt_ids" not in record:
+                raise ValueError(f"{path}:{lineno}: guided rollout without auto_prompt_ids (the autonomous "
+                                 f"prompt that replaces its guidance); rerun explore.py")
+            if record["id"] in seen:
+                raise ValueError(f"{path}:{lineno}: duplicate id {record['id']!r} (first on line "
+                                 f"{seen[record['id']]})")
+            seen[record["id"]] = lineno
+            rollouts.append(record)
+    return rollouts
+
+
+def method_of(rollout):
+    """What a response actually did: code if it ran at least one block (DESIGN.md's code rate)."""
+    return "code" if rollout["calls"] > 0 else "cot"
+
+
+# ----------------------------------------------------------------------------- the E-step estimates
+def estimate_q(pool, code_cost):
+    """Q(x,c) = E_{y~π(·|x,c)}[ r(y) ] by Monte Carlo over the K rollouts guided to c, each reward
+    lowered by code_cost per execution: where both methods always succeed, Q(x,code) < Q(x,cot)."""
+    if not pool:
+        return 0.0
+    return sum(float(r["correct"]) - code_cost * r["calls"] for r in pool) / len(pool)
+
+
+def estimate_pi(native, prior):
+    """π(code|x) = (n_code + a) / (K + 2a): the share of native rollouts that ran code, with a
+    pseudo-rollouts of each method added (a Beta(a,a) prior). Without it a model that never coded in
+    K samples would get π(code|x) = 0, and then s* ∝ π·Q could never send x to code however good
+    code is there: exploration would be for nothing."""
+    if not native and prior <= 0:
+        raise ValueError("π(c|x) needs native rollouts (mode 'auto') or --pi_prior > 0")
+    n_code = sum(method_of(r) == "code" for r in native)
+    p_code = (n_code + prior) / (len(native) + 2 * prior)
+    return {"code": p_code, "cot": 1.0 - p_code}
+
+
+def reference_strategy(pi, q, form, alpha):
+    """s*(c|x), the reference strategy (DESIGN.md §1), as {"code": p, "cot": 1 − p}."""
+    score = {c: pi[c] * q[c] for c in METHODS}
+    if form == "posterior":
+        # s*(c|x) ∝ π(c|x)·Q(x,c): the ELBO is tight here. A cost-lowered Q below 0 counts as 0.
+        weight = {c: max(score[c], 0.0) for c in METHODS}
+        total = weight["code"] + weight["cot"]
+        if total == 0.0:                      # nothing works: no evidence for code, so CoT
+            return {"code": 0.0, "cot": 1.0}
+        return {c: weight[c] / total for c in METHODS}
+    if form == "tempered":
+        # s*(c|x) ∝ exp(α·π(c|x)·Q(x,c)), written as a logistic of the score gap to stay finite.
+        p_code = 1.0 / (1.0 + math.exp(-alpha * (score["code"] - score["cot"])))
+        return {"code": p_code, "cot": 1.0 - p_code}
+    if form == "argmax":
+        # α → ∞: s* = 1 on argmax_c π(c|x)·Q(x,c). A tie goes to CoT, never to a coin flip; with
+        # code_cost > 0 "code as good as CoT" already scores lower, this catches exact ties.
+        p_code = 1.0 if score["code"] > score["cot"] else 0.0
+        return {"code": p_code, "cot": 1.0 - p_code}
+    raise ValueError(f"unknown form {form!r}; expected one of {', '.join(FORMS)}")
+
+
+# ----------------------------------------------------------------------------- data synthesis
+def subsample(pools, s_star, m, rng):
+    """Draw the query's M training rollouts from the reference strategy: n_code ~ Binomial(M, s*(code|x)),
+    then n_code rollouts from the code-guided pool and M − n_code from the CoT-guided pool, without
+    replacement (with M ≤ K a pool never runs short). The training set is then a sample of D_s*."""
+    n_code = sum(rng.random() < s_star["code"] for _ in range(m))
+    counts = {"code": n_code, "cot": m - n_code}
+    return [r for c in METHODS for r in rng.sample(pools[c], min(counts[c], len(pools[c])))]
+
+
+def whiten(rewards, eps):
+    """A_i = (r_i − mean(r)) / (std(r) + eps) within one query's group (population std). A group where
+    every reward is the same gets A = 0 for all: the RL term has nothing to compare."""
+    n = len(rewards)
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
+    return [(r - mean) / (std + eps) for r in rewards]
+
+
+def autonomous_prompt_ids(rollout):
+    """Guidance stripped: whatever prompt produced the response, the model trains on the autonomous one."""
+    return rollout["prompt_ids"] if rollout["mode"] == NATIVE_MODE else rollout["auto_prompt_ids"]
+
+
+def training_record(rollout, advantage, sft):
+    return {
+        "id": rollout["id"],
+        "query_id": rollout["query_id"],
+        "family": rollout.get("family"),
+        "method": method_of(rollout),
+        "source_mode": rollout["mode"],
+        "prompt_ids": autonomous_prompt_ids(rollout),
+        "response_ids": rollout["response_ids"],
+        "trainable_mask": rollout["sampled_mask"],           # tool output (injected) is never trained on
+        "behaviour_logprobs": rollout["behaviour_logprobs"],  # log π_b(y_t | x_guided, y_<t), kept
+        "advantage": advantage,
+        "sft": sft,
+        "reward": float(rollout["correct"]),
+    }
+
+
+def reflective_record(failed, success, hint_ids):
+    """Self-reflection (paper v1): a failed attempt with one method, a short hint, then a successful
+    attempt with the other, as one response after the autonomous prompt. Only the successful attempt is
+    trained on (the failed attempt and the hint are context, masked 0). Its behaviour log-probs are those
+    of the guided rollout, which did not see this context: one more off-policy gap for the ratio."""
+    failed_ids = failed["response_ids"]
+    if failed.get("finish_reason") == "eos":
+        failed_ids = failed_ids[:-1]                          # the failed attempt must not end the text
+    context = len(failed_ids) + len(hint_ids)
+    return {
+        "id": f"{success['query_id']}:reflect:{failed['id']}>{success['id']}",
+        "query_id": success["query_id"],
+        "family": success.get("family"),
+        "method": method_of(success),
+        "source_mode": "reflect",
+        "prompt_ids": autonomous_prompt_ids(success),
+        "response_ids": failed_ids + hint_ids + success["response_ids"],
+        "trainable_mask": [0] * context + success["sampled_mask"],
+        "behaviour_logprobs": [0.0] * context + success["behaviour_logprobs"],
+        "advantage": 0.0,
+        "sft": True,
+        "reward": 1.0,
+    }
+
+
+@dataclass
+class QueryResult:
+    """What one query contributed, for the summary."""
+    query_id: str
+    family: str
+    unguided_code: float | None = None     # raw share of native rollouts that ran code (None: no native)
+    pi_code: float | None = None           # smoothed π(code|x)
+    q: dict | None = None                  # Q(x,c) per method
+    s_star_code: dict = field(default_factory=dict)   # s*(code|x) per form (absent: unsolved query)
+    group: str = ""                        # mixed | all_correct | all_wrong | unsolved
+    records: list = field(default_factory=list)
+
+
+def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_prior, m, eps, rng,
+                     reflect=0, hint_ids=None):
+    """All of the E-step for one query x: its rollouts in, its training records out."""
+    by_mode = defaultdict(list)
+    for r in sorted(rollouts, key=lambda r: (r["mode"], r.get("k", 0))):
+        by_mode[r["mode"]].append(r)
+    native = by_mode[NATIVE_MODE]
+    pools = {c: by_mode[GUIDED_MODES[c]] for c in METHODS}
+    first = rollouts[0]
+    result = QueryResult(query_id=first["query_id"], family=str(first.get("family") or "none"))
+
+    if native:
+        result.unguided_code = sum(method_of(r) == "code" for r in native) / len(native)
+    if pi_source == "prob":
+        p_code = first.get("p_code_open")
+        if p_code is None:
+            raise ValueError(f"query {first['query_id']}: --pi_source=prob needs p_code_open in the rollouts")
+        pi = {"code": p_code, "cot": 1.0 - p_code}
+    else:
+        pi = estimate_pi(native, pi_prior)
+    result.pi_code = pi["code"]
+
+    solved = any(r["correct"] for c in METHODS for r in pools[c])
+    if pools["code"] or pools["cot"]:
+        result.q = {c: estimate_q(pools[c], code_cost) for c in METHODS}
+        if solved:
+            result.s_star_code = {f: reference_strategy(pi, result.q, f, alpha)["code"] for f in FORMS}
+
+    if strategy == "rl":
+        # RL-only ablation: the model's own K native rollouts are the group; no reference strategy.
+        group = native
+    elif not solved:
+        result.group = "unsolved"             # no guided rollout succeeded: s* has nothing to point at
+        return result
+    else:
+        s_star = reference_strategy(pi, result.q, form, alpha)
+        group = subsample(pools, s_star, m or max(len(pools["code"]), len(pools["cot"])), rng)
+    if not group:
+        result.group = "unsolved"
+        return result
+
+    rewards = [float(r["correct"]) for r in group]
+    if all(rewards):
+        result.group = "all_correct"          # A = 0, but every sample still counts in the λ term
+    elif not any(rewards):
+        result.group = "all_wrong"            # nothing to imitate and nothing to compare: dropped
+        return result
+    else:
+        result.group = "mixed"
+    advantages = whiten(rewards, eps)
+
+    for rollout, advantage in zip(group, advantages):
+        if strategy == "sft":
+            # SFT-only ablation: the reference strategy's correct samples, λ term only.
+            if rollout["correct"]:
+                result.records.append(training_record(rollout, 0.0, True))
+        else:
+            # em / rl: the RL term with A, and the λ likelihood term on correct samples (y ∈ D_s*, r=1).
+            result.records.append(training_record(rollout, advantage, bool(rollout["correct"])))
+
+    if reflect and strategy != "rl":
+        # The method s* prefers is the retry; a failed attempt with the other method is the context.
+        target = "code" if s_star["code"] > s_star["cot"] else "cot"
+        other = "cot" if target == "code" else "code"
+        failures = [r for r in pools[other] if not r["correct"]]
+        successes = [r for r in pools[target] if r["correct"]]
+        pairs = [(f, s) for f in failures for s in successes]
+        for failed, success in rng.sample(pairs, min(reflect, len(pairs))):
+            result.records.append(reflective_record(failed, success, hint_ids[target]))
+    return result
+
+
+# ----------------------------------------------------------------------------- the summary
+def summarize(results, strategy, form):
+    """Per family: the model's own unguided code share next to the reference strategy's, for every
+    form of s*; the examples kept; the zero-variance groups."""
+    families = defaultdict(list)
+    for res in results:
+        families[res.family].append(res)
+        families["all"].append(res)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    summary = {"strategy": strategy, "form": form, "by_family": {}}
+    for family in sorted(families, key=lambda f: (f == "all", f)):
+        group = families[family]
+        solved = [r for r in group if r.s_star_code]
+        records = [rec for r in group for rec in r.records]
+        summary["by_family"][family] = {
+            "queries": len(group),
+            "unguided_code_share": mean(r.unguided_code for r in group),
+            "pi_code": mean(r.pi_code for r in group),
+            "q_code": mean(r.q["code"] for r in group if r.q),
+            "q_cot": mean(r.q["cot"] for r in group if r.q),
+            # s*'s code share: the expected share of training rollouts sent to code, mean_x s*(code|x) ...
+            "strategy_code_share": {f: mean(r.s_star_code[f] for r in solved) for f in FORMS},
+            # ... and the share of queries where s* prefers code.
+            "queries_to_code": {f: mean(float(r.s_star_code[f] > 0.5) for r in solved) for f in FORMS},
+            "examples": len(records),
+            "examples_code_share": mean(float(rec["method"] == "code") for rec in records),
+            "sft_examples": sum(rec["sft"] for rec in records),
+            "reflect_examples": sum(rec["source_mode"] == "reflect" for rec in records),
+            "groups_mixed": sum(r.group == "mixed" for r in group),
+            "groups_all_correct": sum(r.group == "all_correct" for r in group),
+            "groups_all_wrong": sum(r.group == "all_wrong" for r in group),
+            "queries_unsolved": sum(r.group == "unsolved" for r in group),
+        }
+    return summary
+
+
+def format_table(summary):
+    def pct(v):
+        return "-" if v is None else str(round(100 * v) + 0)     # + 0: no "-0"
+    lines = [f"strategy={summary['strategy']} form={summary['form']}. In %: own code = native rollouts that ran "
+             f"code; s*(code) = mean of s*(code|x) / share of queries with s*(code|x) > 1/2, over solved queries",
+             f"{'family':<12}{'n':>5}{'own code':>9}{'π(code)':>8}{'Q(code)':>8}{'Q(cot)':>7}   "
+             f"{'s* posterior':>12}{'tempered':>10}{'argmax':>8}   {'kept':>5}{'code':>5}{'allok':>6}{'allbad':>7}"
+             f"{'unsolved':>9}"]
+    for family, row in summary["by_family"].items():
+        share, queries = row["strategy_code_share"], row["queries_to_code"]
+        forms = [f"{pct(share[f])}/{pct(queries[f])}" for f in FORMS]
+        lines.append(f"{family:<12}{row['queries']:>5}{pct(row['unguided_code_share']):>9}{pct(row['pi_code']):>8}"
+                     f"{pct(row['q_code']):>8}{pct(row['q_cot']):>7}   {forms[0]:>12}{forms[1]:>10}{forms[2]:>8}   "
+                     f"{row['examples']:>5}{pct(row['examples_code_share']):>5}{row['groups_all_correct']:>6}"
+                     f"{row['groups_all_wrong']:>7}{row['queries_unsolved']:>9}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the stage
+def encode_hints(model_dir, hints):
+    """The reflective hints ({target method: text}) as token ids, from the tokenizer of the model that
+    will train on them."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hint_ids = {}
+    for target, hint in hints.items():
+        ids = tokenizer.encode(hint, add_special_tokens=False)
+        if tokenizer.decode(ids) != hint:
+            raise ValueError(f"the hint {hint!r} does not survive this tokenizer (characters outside its "
+                             f"vocabulary?); pass another with --hint_to_{target}")
+        hint_ids[target] = ids
+    return hint_ids
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rollouts", required=True, help="explore.py's output")
+    parser.add_argument("--out", required=True, help="training records (JSONL) for train.py")
+    parser.add_argument("--strategy", default=strategy, choices=("em", "rl", "sft"))
+    parser.add_argument("--form", default=form, choices=FORMS)
+    parser.add_argument("--alpha", type=float, default=alpha)
+    parser.add_argument("--code_cost", type=float, default=code_cost)
+    parser.add_argument("--pi_source", default=pi_source, choices=("samples", "prob"))
+    parser.add_argument("--pi_prior", type=float, default=pi_prior)
+    parser.add_argument("--samples_per_query", type=int, default=samples_per_query)
+    parser.add_argument("--adv_eps", type=float, default=adv_eps)
+    parser.add_argument("--reflect", type=int, default=reflect)
+    parser.add_argument("--hint_to_code", default=hint_to_code)
+    parser.add_argument("--hint_to_cot", default=hint_to_cot)
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--seed", type=int, default=seed)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = vars(args)
+    print("synthesize.py " + " ".join(f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
+                                      for k, v in config.items()))
+    if args.reflect and not args.model:
+        sys.exit("--reflect needs --model=DIR (its tokenizer encodes the hints)")
+    hints = {"code": args.hint_to_code, "cot": args.hint_to_cot}
+    hint_ids = encode_hints(args.model, hints) if args.reflect else None
+
+    rollouts = read_rollouts(args.rollouts)
+    by_query = defaultdict(list)
+    for r in rollouts:
+        by_query[r["query_id"]].append(r)
+
+    results = []
+    for query_id, group in tqdm(by_query.items(), desc="synthesize", unit="query"):
+        rng = random.Random(f"{args.seed}:{query_id}")
+        results.append(synthesize_query(group, args.strategy, args.form, args.alpha, args.code_cost,
+                                        args.pi_source, args.pi_prior, args.samples_per_query,
+                                        args.adv_eps, rng, args.reflect, hint_ids))
+
+    # Written under a temporary name and renamed: a complete OUT means the stage is done.
+    partial = args.out + ".partial"
+    with open(partial, "w") as f:
+        for res in results:
+            for record in res.records:
+                f.write(json.dumps(record) + "\n")
+    summary = summarize(results, args.strategy, args.form)
+    summary["config"] = config
+    write_json_atomic(args.out + ".summary.json", summary)
+    os.replace(partial, args.out)
+    print(format_table(summary))
+    print(f"wrote {summary['by_family']['all']['examples']} training records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Tests of data.py: the embedded task is deterministic, its splits are disjoint, its teacher
+solutions are right (checked by recomputing every step, and by running the programs), and the
+JSONL plumbing fails loudly and resumes cleanly."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import string
+import subprocess
+import sys
+
+import pytest
+
+import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numbers_of(record):
+    return tuple(sorted(int(x) for x in re.findall(r"\d+", record["expression"])))
+
+
+def test_deterministic_and_seeded():
+    assert data.make_problems(300, "train", seed=1) == data.make_problems(300, "train", seed=1)
+    assert data.make_problems(300, "train", seed=1) != data.make_problems(300, "train", seed=2)
+    # a longer run starts with the same problems (n only decides where to stop)
+    assert data.make_problems(500, "test")[:300] == data.make_problems(300, "test")
+
+
+def test_records_fields_mix_and_text():
+    records = data.make_problems(2800, "train")
+    counts = {f: sum(r["family"] == f for r in records) for f in data.FAMILIES}
+    assert counts == {"add_sub": 1200, "mul_add": 800, "mul": 400, "chain": 400}  # 3:2:1:1
+    assert len({r["id"] for r in records}) == len(records)
+    assert len({r["problem"] for r in records}) == len(records)  # distinct while space allows
+    printable = set(string.printable) - set("\t\r\x0b\x0c")
+    for r in records:
+        assert {"id", "problem", "answer", "family", "difficulty"} <= set(r)
+        assert r["difficulty"] == ("easy" if r["family"] in data.EASY_FAMILIES else "hard")
+        assert 45 <= len(r["problem"]) <= 80
+        assert set(r["problem"]) <= printable
+        assert str(eval(r["expression"])) == r["answer"]
+        # the problem states the numbers of the expression, in order
+        assert re.findall(r"\d+", r["problem"]) == re.findall(r"\d+", r["expression"])
+    assert set(data.EASY_FAMILIES) | set(data.HARD_FAMILIES) == set(data.FAMILIES)
+
+
+def test_splits_are_disjoint_by_numbers():
+    train = {(r["family"], numbers_of(r)) for r in data.make_problems(4000, "train", seed=0)}
+    test = {(r["family"], numbers_of(r)) for r in data.make_problems(2000, "test", seed=5)}
+    assert train and test and not train & test
+
+
+def test_large_n_allows_repeats_without_stalling():
+    records = data.make_problems(30000, "train")  # add_sub has ~10k train operand pairs
+    assert len(records) == 30000
+
+
+def check_cot(record, text):
+    lines = text.split("\n")
+    assert lines[-1] == "\\boxed{%s}" % record["answer"]
+    for line in lines[:-1]:
+        # every step is "x op y [op z] = r", optionally after a label and before a carry note
+        m = re.fullmatch(r"(?:(ones|tens|result): )?([-\d +*]+?)(?: = (-?\d+))?(, (carry|borrow) 1)?",
+                         line)
+        assert m, line
+        label, left, right = m.group(1), m.group(2), m.group(3)
+        if label == "result":
+            assert right is None and left == record["answer"]
+            continue
+        value = eval(left)
+        if label is None:
+            assert value == int(right), line
+        elif label == "ones":
+            assert value == int(right) and 0 <= value <= 18, line
+            assert (m.group(5) == "carry") == (value >= 10 and "+" in left), line
+        else:
+            assert value == int(right), line
+    if record["family"] != "add_sub":  # the last step's result is the answer
+        assert lines[-2].endswith("= " + record["answer"])
+
+
+def test_teacher_cot_steps_are_right():
+    for record in data.make_problems(700, "test", seed=3):
+        check_cot(record, data.teacher_solution(record, "cot"))
+    record = {"family": "add_sub", "expression": "62 - 37", "answer": "25"}
+    assert data.teacher_solution(record, "cot") == (
+        "ones: 12 - 7 = 5, borrow 1\ntens: 6 - 3 - 1 = 2\nresult: 25\n\\boxed{25}")
+    record = {"family": "add_sub", "expression": "68 + 57", "answer": "125"}
+    assert data.teacher_solution(record, "cot") == (
+        "ones: 8 + 7 = 15, carry 1\ntens: 6 + 5 + 1 = 12\nresult: 125\n\\boxed{125}")
+    with pytest.raises(ValueError):
+        data.teacher_solution(record, "latex")
+
+
+def split_code_solution(text):
+    from model import TOOL_TRIGGER
+    m = re.fullmatch(r"```python\n(.*?)\n```\n" + re.escape(TOOL_TRIGGER) + r"(.*?)\\boxed\{(.*)\}",
+                     text, re.S)
+    assert m, text
+    return m.group(1), m.group(2), m.group(3)
+
+
+def test_teacher_code_prints_the_answer():
+    from model import tool_injection
+    for record in data.make_problems(70, "test", seed=4):
+        code, injected, boxed = split_code_solution(data.teacher_solution(record, "code"))
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            exec(code, {})
+        assert stdout.getvalue().rstrip() == record["answer"] == boxed
+        assert injected == tool_injection(record["answer"])
+
+
+def test_teacher_code_output_is_what_the_sandbox_gives():
+    sandbox = pytest.importorskip("sandbox")
+    from model import tool_injection
+    records = [r for r in data.make_problems(8, "test")][:4]
+    texts = [data.teacher_solution(r, "code") for r in records]
+    results = sandbox.run_many([split_code_solution(t)[0] for t in texts])
+    for text, result in zip(texts, results):
+        assert result.status == "ok"
+        assert split_code_solution(text)[1] == tool_injection(sandbox.format_output(result))
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    import model
+    return model.load("tiny")[1]
+
+
+def test_tokenize_response_masks_exactly_the_injection(tiny_tokenizer):
+    from model import TOOL_TRIGGER, tool_injection
+    record = data.make_problems(7, "test")[2]
+    text = data.teacher_solution(record, "code")
+    ids, trainable = data.tokenize_response(tiny_tokenizer, text)
+    assert len(ids) == len(trainable)
+    assert tiny_tokenizer.decode(ids) == text
+    injected = [i for i, t in zip(ids, trainable) if t == 0]
+    assert tiny_tokenizer.decode(injected) == tool_injection(record["answer"])
+    # two calls, the second cut short by the length limit: masked to the end
+    first = "```python\nx = 6\nprint(x)\n```\n" + TOOL_TRIGGER
+    second = "\nprint(x * 7)\n```\n" + TOOL_TRIGGER
+    text = first + tool_injection("6") + second + "\n4"
+    ids, trainable = data.tokenize_response(tiny_tokenizer, text)
+    assert tiny_tokenizer.decode(ids) == text
+    pieces, flags = [], []
+    for i, t in zip(ids, trainable):
+        if not flags or flags[-1] != t:
+            pieces.append([])
+            flags.append(t)
+        pieces[-1].append(i)
+    assert flags == [1, 0, 1, 0]
+    assert [tiny_tokenizer.decode(p) for p in pieces] == [first, tool_injection("6"), second, "\n4"]
+    # plain CoT: everything trainable, and no EOS appended
+    ids, trainable = data.tokenize_response(tiny_tokenizer, "1 + 1 = 2\n\\boxed{2}")
+    assert all(trainable) and tiny_tokenizer.eos_token_id not in ids
+
+
+def test_prompts_tiny_and_chat_template(tiny_tokenizer):
+    problem = data.make_problems(1, "test")[0]["problem"]
+    prompts = {mode: data.make_prompt(tiny_tokenizer, problem, mode) for mode in data.MODES}
+    assert len(set(prompts.values())) == 3 and all(p.startswith(problem) for p in prompts.values())
+    assert data.encode_prompt(tiny_tokenizer, problem, "cot") == tiny_tokenizer.encode(
+        prompts["cot"], add_special_tokens=False)
+
+    class ChatTokenizer:  # just what make_prompt uses of a real HF tokenizer
+        chat_template = "set"
+
+        def __init__(self, allow_system):
+            self.allow_system = allow_system
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt is True
+            if messages[0]["role"] == "system" and not self.allow_system:
+                raise ValueError("System role not supported")
+            return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<a>"
+
+    chat = data.make_prompt(ChatTokenizer(True), "What is 2+2?", "code")
+    assert chat == ("<system>Please integrate natural language reasoning with programs to solve the "
+                    "problem above, and put your final answer within \\boxed{}.</system>"
+                    "<user>What is 2+2?</user><a>")
+    assert "Please reason step by step, and put your final answer within \\boxed{}." in \
+        data.make_prompt(ChatTokenizer(True), "What is 2+2?", "cot")
+    auto = data.make_prompt(ChatTokenizer(False), "What is 2+2?", "auto")
+    assert auto.startswith("<user>What is 2+2?\n") and "program" not in auto and "step" not in auto
+    with pytest.raises(ValueError):
+        data.make_prompt(tiny_tokenizer, problem, "guided")
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 1}\n\n{"id": 2\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:3"):
+        data.read_jsonl(str(path))
+    path.write_text('{"id": 1}\n\n{"id": 2}\n')
+    assert data.read_jsonl(str(path)) == [{"id": 1}, {"id": 2}]
+
+
+def test_read_queries_field_names(tmp_path):
+    path = tmp_path / "q.jsonl"
+    rows = [
+        {"id": "a", "problem": "1+1?", "answer": 2, "family": "f"},
+        {"question": "Tom has 3 and 4. Total?", "answer": "He has 3 + 4 = 7.\n#### 7"},
+        {"problem": "x?", "solution": "So $x = \\boxed{\\frac{1}{2}}$.", "level": "Level 3",
+         "type": "Algebra"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    queries = data.read_queries(str(path))
+    assert [q["id"] for q in queries] == ["a", "2", "3"]
+    assert [q["answer"] for q in queries] == ["2", "7", "\\frac{1}{2}"]
+    assert queries[1]["problem"] == rows[1]["question"]
+    assert queries[0]["family"] == "f" and queries[2]["level"] == "Level 3"
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"problem": "no gold"}) + "\n")
+    with pytest.raises(ValueError, match=r"q\.jsonl:2"):
+        data.read_queries(str(path))
+    path.write_text(json.dumps({"answer": "3"}) + "\n")
+    with pytest.raises(ValueError, match=r"q\.jsonl:1"):
+        data.read_queries(str(path))
+
+
+def test_jsonl_appender_resumes_after_a_kill(tmp_path):
+    path = str(tmp_path / "out.jsonl.partial")
+    with data.JsonlAppender(path) as out:
+        assert out.done_ids == set()
+        for i in range(3):
+            out.write({"id": f"q{i}", "x": i})
+    with open(path, "a") as f:
+        f.write('{"id": "q3", "x"')  # killed mid-write
+    out = data.JsonlAppender(path)
+    assert out.done_ids == {"q0", "q1", "q2"}
+    out.write({"id": "q3", "x": 3})
+    out.close()
+    assert [r["id"] for r in data.read_jsonl(path)] == ["q0", "q1", "q2", "q3"]
+    with open(path, "a") as f:
+        f.write('{"id": "q4", "x": 4}')  # killed just before the newline: kept, repaired
+    with data.JsonlAppender(path) as out:
+        assert out.done_ids == {"q0", "q1", "q2", "q3", "q4"}
+        out.write({"id": "q5"})
+    assert [r["id"] for r in data.read_jsonl(path)] == ["q0", "q1", "q2", "q3", "q4", "q5"]
+    final = str(tmp_path / "out.jsonl")
+    data.finalize(path, final)
+    assert os.path.exists(final) and not os.path.exists(path)
+
+
+def test_write_json_atomic(tmp_path):
+    path = str(tmp_path / "s.json")
+    data.write_json_atomic(path, {"a": [1, 2]})
+    data.write_json_atomic(path, {"a": 3})
+    assert json.load(open(path)) == {"a": 3} and os.listdir(tmp_path) == ["s.json"]
+
+
+def test_cli_writes_queries(tmp_path):
+    out = str(tmp_path / "q.jsonl")
+    subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "--split=test", "--n=14",
+                    f"--out={out}"], check=True, capture_output=True, cwd=REPO)
+    assert data.read_jsonl(out) == data.make_problems(14, "test")

@@ -1,0 +1,173 @@
+"""explore.py end to end on a tiny random checkpoint: every (query, mode, k) drawn once with the contract's
+fields; a killed run resumed draws only what is missing and reproduces what an uninterrupted run draws;
+the code-opening probability against a naive computation; the per-mode summary on hand-built records."""
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import explore
+import model as model_lib
+
+K, N_QUERIES, MODES = 2, 6, ("code", "cot", "auto")
+TOTAL = N_QUERIES * len(MODES) * K
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explore")
+    net, tokenizer = model_lib.load("tiny", seed=0)
+    model_lib.save(net, tokenizer, str(root / "tiny"))
+    queries = root / "queries.jsonl"
+    queries.write_text("".join(json.dumps(q) + "\n" for q in data.make_problems(N_QUERIES, "train", seed=3)))
+    return root
+
+
+def explore_args(root, out, *extra):
+    # batch_size 10 is not a multiple of 3K = 6: batches cut queries in two, as resumed runs do
+    return [f"--model={root / 'tiny'}", f"--queries={root / 'queries.jsonl'}", f"--out={out}", f"--k={K}",
+            "--max_new_tokens=24", "--batch_size=10", "--seed=5", "--threads=1", *extra]
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    out = setup / "full" / "rollouts.jsonl"
+    explore.main(explore_args(setup, out))
+    return out
+
+
+def test_every_rollout_once_with_the_contract_fields(setup, full_run):
+    records = read(full_run)
+    assert len(records) == TOTAL and len({r["id"] for r in records}) == TOTAL
+    _, tokenizer = model_lib.load(str(setup / "tiny"))
+    queries = {q["id"]: q for q in data.read_queries(str(setup / "queries.jsonl"))}
+    for r in records:
+        assert r["id"] == f"{r['query_id']}:{r['mode']}:{r['k']}"
+        problem = queries[r["query_id"]]["problem"]
+        assert r["prompt"] == data.make_prompt(tokenizer, problem, r["mode"])
+        assert r["prompt_ids"] == data.encode_prompt(tokenizer, problem, r["mode"])
+        assert r["auto_prompt_ids"] == data.encode_prompt(tokenizer, problem, "auto")
+        assert len(r["response_ids"]) == len(r["sampled_mask"]) == len(r["behaviour_logprobs"]) <= 24
+        assert r["gold"] == queries[r["query_id"]]["answer"] and r["family"] == queries[r["query_id"]]["family"]
+        assert isinstance(r["correct"], bool) and r["calls"] == len(r["statuses"])
+        assert r["finish_reason"] in ("eos", "stop", "length", "max_calls")
+        assert 0.0 < r["p_code_open"] < 1.0
+        assert all(lp <= 0.0 for lp in r["behaviour_logprobs"])
+    assert {(r["query_id"], r["mode"], r["k"]) for r in records} == \
+        {(q, m, j) for q in queries for m in MODES for j in range(K)}
+    assert not (full_run.parent / "rollouts.jsonl.partial").exists()
+    config = json.loads((full_run.parent / "rollouts.jsonl.config.json").read_text())
+    assert config["k"] == K and config["seed"] == 5 and config["modes"] == "code,cot,auto"
+    summary = json.loads((full_run.parent / "rollouts.jsonl.summary.json").read_text())
+    assert set(MODES) <= set(summary) and summary["auto"]["rollouts"] == N_QUERIES * K
+
+
+def test_resume_after_a_kill_draws_only_the_missing_rows_and_reproduces(setup, full_run, monkeypatch):
+    lines = open(full_run).read().splitlines(keepends=True)
+    out = setup / "resumed" / "rollouts.jsonl"
+    out.parent.mkdir()
+    # killed mid-write: 13 complete records (lines of different modes and queries), then half a line
+    (out.parent / "rollouts.jsonl.partial").write_text("".join(lines[:13]) + lines[13][:40])
+    drawn = []
+    real_generate = model_lib.generate
+
+    def counting_generate(net, prompts, *args, **kwargs):
+        drawn.extend(kwargs["seed"])
+        return real_generate(net, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(explore.model_lib, "generate", counting_generate)
+    explore.main(explore_args(setup, out))
+    assert len(drawn) == TOTAL - 13                            # nothing redrawn
+    resumed = read(out)
+    ids = [r["id"] for r in resumed]
+    assert len(ids) == len(set(ids)) == TOTAL                  # nothing lost, nothing duplicated
+    reference = {r["id"]: r for r in read(full_run)}
+    # per-row seeds: the resumed file holds exactly the rollouts of the uninterrupted run
+    for r in resumed:
+        assert r["response_ids"] == reference[r["id"]]["response_ids"]
+        assert r["behaviour_logprobs"] == pytest.approx(reference[r["id"]]["behaviour_logprobs"], abs=1e-4)
+
+    # a complete OUT means done: a rerun draws nothing and leaves it alone
+    drawn.clear()
+    before = out.read_text()
+    explore.main(explore_args(setup, out))
+    assert drawn == [] and out.read_text() == before
+
+
+def test_row_seeds_depend_only_on_seed_query_mode_and_k():
+    seed = explore.row_seed(0, "q1", "code", 3)
+    assert seed == explore.row_seed(0, "q1", "code", 3) and 0 <= seed < 2**32
+    assert len({seed, explore.row_seed(1, "q1", "code", 3), explore.row_seed(0, "q2", "code", 3),
+                explore.row_seed(0, "q1", "cot", 3), explore.row_seed(0, "q1", "code", 2)}) == 5
+
+
+def test_code_open_probability_against_a_naive_product():
+    net, tokenizer = model_lib.load("tiny", seed=1)
+    prompts = [data.encode_prompt(tokenizer, p, "auto") for p in ("What is 2 + 3?", "A tree had 72 apples.")]
+    opening = tokenizer.encode(explore.CODE_OPENING, add_special_tokens=False)
+    fast = explore.code_open_probability(net, prompts, opening)
+    for prompt, p in zip(prompts, fast):
+        naive = 1.0
+        with torch.no_grad():
+            for t, token in enumerate(opening):
+                logits = net(torch.tensor([prompt + opening[:t]]))[0, -1]
+                naive *= torch.softmax(logits, -1)[token].item()
+        assert p == pytest.approx(naive, rel=1e-4)
+
+
+def test_summary_per_mode_by_hand():
+    def r(query, mode, correct, statuses):
+        return {"query_id": query, "mode": mode, "correct": correct, "calls": len(statuses), "statuses": statuses,
+                "response_ids": [1, 2], "finish_reason": "eos"}
+    records = [r("a", "code", True, ["ok"]), r("a", "code", True, ["ok", "error"]),
+               r("b", "code", False, ["timeout"]), r("b", "code", True, []),
+               r("a", "cot", False, []), r("a", "cot", False, [])]
+    summary = explore.summarize(records, ("code", "cot", "auto"))
+    assert set(summary) == {"code", "cot"}
+    code = summary["code"]
+    assert code["accuracy"] == 0.75 and code["code_rate"] == 0.75 and code["tool_error_rate"] == 0.5
+    assert (code["groups"], code["groups_all_correct"], code["groups_all_wrong"]) == (2, 1, 0)
+    assert (summary["cot"]["groups_all_correct"], summary["cot"]["groups_all_wrong"]) == (0, 1)
+    assert "code rate" in explore.format_summary(summary)
+
+
+def test_bad_arguments_are_refused(setup, tmp_path):
+    with pytest.raises(SystemExit):
+        explore.parse_args(explore_args(setup, tmp_path / "x.jsonl", "--modes=code,native"))
+    with pytest.raises(SystemExit):
+        explore.parse_args(explore_args(setup, tmp_path / "x.jsonl", "--temperature=0"))
+
+
+def test_cached_tool_runs_each_distinct_program_once(monkeypatch):
+    ran = []
+
+    def fake_tool(responses, timeout, memory_mb, workers):
+        ran.extend(responses)
+        return [("boom", "sandbox_error") if "fail" in text else (f"out{len(ran) - len(responses) + i}", "ok")
+                for i, text in enumerate(responses)]
+
+    monkeypatch.setattr(explore.sandbox, "tool", fake_tool)
+    tool = explore.cached_tool(5.0, 1024, None)
+    a, b = "```python\nprint(1)\n```\n```output", "```python\nprint(2)\n```\n```output"
+    same_as_a = "Some text first.\n" + a                      # another response, the same program
+    first = tool([a, b, same_as_a])
+    assert first[0] == first[2] and first[0] != first[1] and len(ran) == 2
+    assert tool([b, a]) == [first[1], first[0]] and len(ran) == 2          # remembered
+    failing = "```python\nfail()\n```\n```output"
+    assert tool([failing]) == [("boom", "sandbox_error")] and tool([failing])[0][1] == "sandbox_error"
+    assert len(ran) == 4                                                   # an infrastructure failure is retried
+    assert tool.counts == {"executed": 4, "remembered": 3}
+
+
+def test_a_partial_file_is_not_resumed_under_other_sampling_settings(setup, full_run, tmp_path):
+    out = tmp_path / "rollouts.jsonl"
+    (tmp_path / "rollouts.jsonl.partial").write_text(open(full_run).readline())
+    (tmp_path / "rollouts.jsonl.config.json").write_text((full_run.parent / "rollouts.jsonl.config.json").read_text())
+    with pytest.raises(SystemExit, match="temperature"):
+        explore.main(explore_args(setup, out, "--temperature=0.7"))

@@ -1,0 +1,133 @@
+"""train.py: the M-step loss on hand-computed tokens, the masks, and short real runs (SFT and RL)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train
+from data import encode_prompt, make_problems, teacher_solution, tokenize_response
+from model import generate, load, tool_injection
+
+
+def test_m_step_loss_by_hand():
+    # (π_θ, π_b, A, sft) per token; ε = 0.2, λ = 0.5
+    tokens = [(0.5, 0.25, 1.0, False),     # r = 2,   A > 0: clipped at 1.2, no gradient (moved far enough)
+              (0.125, 0.25, 1.0, False),   # r = 0.5, A > 0: min picks r·A = 0.5, gradient r·A (not yet moved)
+              (0.5, 0.25, -1.0, False),    # r = 2,   A < 0: min picks r·A = −2, gradient r·A (wrong way)
+              (0.125, 0.25, -1.0, False),  # r = 0.5, A < 0: clipped at −0.8, no gradient
+              (0.55, 0.5, 2.0, False),     # r = 1.1 inside the range: 2.2, gradient 2.2
+              (0.3, 0.3, 0.0, False),      # A = 0, not sft: nothing
+              (0.4, 0.4, 0.0, True)]       # the λ term alone: λ·log 0.4, gradient λ
+    p, b, a, s = zip(*tokens)
+    logprobs = torch.tensor(p).log().requires_grad_()
+    loss, stats = train.m_step_loss(logprobs, torch.tensor(b).log(), torch.tensor(a), torch.tensor(s),
+                                    n_tokens=7, clip_eps=0.2, sft_weight=0.5)
+    expected = -(1.2 + 0.5 - 2.0 - 0.8 + 2.2 + 0.0 + 0.5 * math.log(0.4)) / 7
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert logprobs.grad.tolist() == pytest.approx([-g / 7 for g in (0, 0.5, -2.0, 0, 2.2, 0, 0.5)], abs=1e-6)
+    ratios = [2, 0.5, 2, 0.5, 1.1, 1, 1]
+    assert stats["clipped"] == 4 and stats["tokens"] == 7
+    assert stats["ratio"] == pytest.approx(sum(ratios), rel=1e-5)
+    assert stats["kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios), rel=1e-5)
+
+
+def test_normalised_by_the_steps_token_count():
+    # Two micro-batches normalised by the step's total equal one batch of both.
+    lp, bl, a, s = torch.randn(6) - 1, torch.randn(6) - 1, torch.randn(6), torch.rand(6) > 0.5
+    whole, _ = train.m_step_loss(lp, bl, a, s, 6)
+    half1, _ = train.m_step_loss(lp[:2], bl[:2], a[:2], s[:2], 6)
+    half2, _ = train.m_step_loss(lp[2:], bl[2:], a[2:], s[2:], 6)
+    assert (half1 + half2).item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load("tiny", seed=0)
+
+
+def test_token_logprobs_are_the_trainable_tokens_only(tiny):
+    model, _ = tiny
+    torch.manual_seed(0)
+    batch = [train.example([5, 6, 7], [10, 11, 12, 13, 14], [1, 0, 0, 1, 1], [0.0] * 5, 1.0, False),
+             train.example([5, 6], [20, 21, 22], [1, 1, 1], [0.0] * 3, 1.0, False)]
+    tensors = train.collate(batch, 384, pad_id=1, device="cpu")
+    logprobs, entropy = train.token_logprobs(model, model.lm_head.weight, tensors, temperature=0.7)
+    with torch.no_grad():
+        naive = torch.log_softmax(model(tensors["input_ids"]) / 0.7, -1)
+    # token i of the sequence is predicted at position i−1; prompt, injected and padding are left out
+    positions = [(0, 3), (0, 6), (0, 7), (1, 2), (1, 3), (1, 4)]
+    expected = [naive[r, t - 1, tensors["input_ids"][r, t]].item() for r, t in positions]
+    assert logprobs.tolist() == pytest.approx(expected, abs=1e-5)
+    expected_entropy = [-(naive[r, t - 1].exp() * naive[r, t - 1]).sum().item() for r, t in positions]
+    assert entropy.tolist() == pytest.approx(expected_entropy, abs=1e-4)
+
+
+def test_warmstart_examples_mask_prompt_and_tool_output(tiny):
+    _, tokenizer = tiny
+    args = train.parse_args(["--n_train=12", "--mode_weights=1,0,1", "--auto_code_frac=1"])
+    examples = train.warmstart_examples(tokenizer, args)
+    problems = make_problems(12, "train", seed=0)
+    for record, e in zip(problems, examples):  # every example is a code solution here
+        ids, trainable = e["input_ids"], e["trainable"]
+        prompt_length = len(ids) - len(tokenize_response(tokenizer, teacher_solution(record, "code"))[0]) - 1
+        assert ids[:prompt_length] in (encode_prompt(tokenizer, record["problem"], m) for m in ("code", "auto"))
+        assert trainable[:prompt_length] == [0] * prompt_length
+        assert ids[-1] == tokenizer.eos_token_id and trainable[-1] == 1   # the EOS is trained
+        masked = tokenizer.decode([t for t, m in zip(ids[prompt_length:], trainable[prompt_length:]) if not m])
+        assert masked == tool_injection(record["answer"])                 # exactly the injected output
+    args = train.parse_args(["--n_train=12", "--mode_weights=0,0,1", "--auto_code_frac=0"])
+    for e in train.warmstart_examples(tokenizer, args):
+        assert "```python" not in tokenizer.decode(e["input_ids"]) and "Solve." in tokenizer.decode(e["input_ids"])
+
+
+def test_record_examples_keep_what_the_loss_uses(tmp_path):
+    path = tmp_path / "train.jsonl"
+    records = [dict(id=str(i), prompt_ids=[3, 4], response_ids=[5, 6], trainable_mask=[1, 0],
+                    behaviour_logprobs=[-0.5, 0.0], advantage=a, sft=s) for i, (a, s) in
+               enumerate([(0.0, True), (0.0, False), (1.5, False), (-1.0, True)])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rl = train.record_examples(str(path), train.parse_args(["--mode=rl", f"--data={path}"]))
+    assert [(e["advantage"], e["sft"]) for e in rl] == [(0.0, True), (1.5, False), (-1.0, True)]
+    assert rl[0]["trainable"] == [0, 0, 1, 0] and rl[0]["behaviour_logprobs"] == [0.0, 0.0, -0.5, 0.0]
+    sft = train.record_examples(str(path), train.parse_args(["--mode=sft", f"--data={path}"]))
+    assert [(e["advantage"], e["sft"]) for e in sft] == [(0.0, True), (0.0, True)]
+
+
+def test_sft_steps_reduce_the_loss_and_the_checkpoint_round_trips(tmp_path):
+    out = str(tmp_path / "warmstart")
+    model, log = train.main(["--device=cpu", "--steps=16", "--n_train=128", "--batch_size=8", "--log_every=100",
+                             f"--out={out}"])
+    first, last = sum(e["loss"] for e in log[:4]) / 4, sum(e["loss"] for e in log[-4:]) / 4
+    assert last < first - 0.5
+    assert json.load(open(os.path.join(out, "train_config.json")))["steps"] == 16
+    assert len(open(os.path.join(out, "train_log.jsonl")).readlines()) == 16
+    loaded, _ = load(out)
+    ids = torch.tensor([[40, 41, 42, 43, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), model.eval()(ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rl_on_policy_ratio_is_one(tmp_path, tiny, temperature):
+    # Rollouts of the sampler scored by the trainer: the same policy, so r = 1 and KL = 0 at the first
+    # step. This pins the off-by-one of the shift, the masks and the temperature against model.generate.
+    model, tokenizer = tiny
+    prompts = [encode_prompt(tokenizer, r["problem"], "auto") for r in make_problems(6, "train")]
+    samples = generate(model, prompts, max_new_tokens=24, temperature=temperature, seed=1, tokenizer=tokenizer)
+    path = tmp_path / "train.jsonl"
+    with open(path, "w") as f:
+        for i, (prompt, sample) in enumerate(zip(prompts, samples)):
+            f.write(json.dumps(dict(id=str(i), prompt_ids=prompt, response_ids=sample.tokens,
+                                    trainable_mask=sample.sampled_mask, behaviour_logprobs=sample.logprobs,
+                                    advantage=1.0 if i % 2 else -1.0, sft=bool(i % 3 == 0))) + "\n")
+    init = str(tmp_path / "init")
+    from model import save
+    save(model, tokenizer, init)
+    _, log = train.main(["--device=cpu", "--mode=rl", f"--init={init}", f"--data={path}", "--epochs=1", "--batch_size=6",
+                         f"--temperature={temperature}", "--log_every=100", f"--out={tmp_path / 'out'}"])
+    assert log[0]["ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and log[0]["clipped"] == 0
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")

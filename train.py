@@ -1,0 +1,379 @@
+"""
+train.py: the M-step of EM, and the supervised warm start.
+
+The M-step (DESIGN.md section 1) moves the model toward the reference strategy s* that the E-step
+found, with an off-policy objective over the synthesized rollouts:
+
+    L(θ) = − E[ clip(π_θ(y|x) / π_b(y|x_guided), 1−ε, 1+ε) · A ]  −  λ · E_{y ∈ D_s*, r=1}[ log π_θ(y|x) ]
+
+x is the AUTONOMOUS prompt (synthesize.py stripped the guidance), π_b the policy that sampled y
+from the guided prompt (its log-probs are stored per token), A the whitened advantage of the
+rollout in its query's group. m_step_loss implements it token by token, with PPO's min form of the
+clipped term and one mean over all trainable tokens (the reasons are at the lines). The supervised
+mode is the λ term alone with λ = 1: the warm start (teacher solutions of the embedded task) and
+the paper's SFT-only ablation (records from a file).
+
+    python train.py                                                  # warm start of the tiny preset
+    python train.py --mode=rl --init=DIR --data=train.jsonl --out=DIR   # the M-step
+    python train.py --mode=sft --init=DIR --data=train.jsonl --out=DIR  # SFT on records
+    torchrun --nproc_per_node=N train.py ...                            # data parallel on N GPUs
+
+Log-probs of response tokens come from the fused kernel on the hidden states of the trainable
+positions only: [B,T,V] logits are never formed, and prompt, tool output and padding cost nothing.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import encode_prompt, make_problems, read_jsonl, teacher_solution, tokenize_response
+from model import fused_logprobs, load as load_checkpoint, save as save_checkpoint
+
+# -----------------------------------------------------------------------------
+# hyperparameters: every line below is a command-line flag (--name=value); its comment is the help
+# what to train
+mode = "sft"             # "sft": maximise log π(y|x) of the solutions; "rl": the M-step objective L(θ) above
+init = "tiny"            # where θ starts: an HF checkpoint dir, or "tiny" (a fresh, random tiny preset)
+data = ""                # training records JSONL (synthesize.py); empty = the embedded task's teacher solutions
+out = "runs/warmstart"   # checkpoint dir written at the end (HF format, atomically), with train_config.json and train_log.jsonl
+# the embedded warm start (used when --data is empty)
+n_train = 20000          # problems drawn by data.make_problems(split="train"); each gives one example
+mode_weights = "1,1,1"   # how often a problem is posed with the code, cot and auto prompt
+auto_code_frac = 0.15    # share of auto prompts answered with the code solution (else CoT), whatever the family
+steps = 3500             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
+epochs = 2.0             # passes over the records of --data
+# optimisation
+batch_size = 16          # sequences per micro-batch (per rank)
+grad_accum = 1           # micro-batches per optimizer step
+lr = 2e-3                # peak learning rate when training from scratch (init=tiny)
+finetune_lr = 1e-4       # peak learning rate when starting from a checkpoint (the M-step, SFT on records)
+warmup_frac = 0.03       # linear warmup over this share of the steps, then cosine decay
+min_lr_frac = 0.1        # the cosine ends at this fraction of the peak learning rate
+weight_decay = 0.0       # AdamW decoupled weight decay on matrices (not on norms)
+beta1 = 0.9              # AdamW β1
+beta2 = 0.95             # AdamW β2
+grad_clip = 1.0          # clip the global gradient norm to this (0 = off)
+max_len = 0              # truncate sequences to this many tokens; 0 = the model's context
+length_window = 32       # batch by similar length within windows of this many batches (less padding); 0 = random batches
+# the M-step objective
+clip_eps = 0.2           # ε of the clipped ratio (the paper's clip range [0.8, 1.2])
+sft_weight = 0.5         # λ: weight of the log-likelihood of the reference strategy's correct samples (records with sft=true)
+temperature = 1.0        # the rollouts' sampling temperature: π_θ is evaluated at the temperature π_b sampled at
+# mechanics
+chunk_size = 256         # rows per chunk of the fused log-prob kernel (its only [rows, V] buffer)
+seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
+device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+log_every = 50           # print a loss line every this many steps
+# end of hyperparameters
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    """Every hyperparameter line above becomes a --flag: default and help come from that line, so
+    the defaults live in one place and read like nanoGPT's."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    with open(__file__, encoding="utf-8") as f:
+        block = f.read().split("# hyperparameters:")[1].split("# end of hyperparameters")[0]
+    for name, comment in re.findall(r"^(\w+) = [^#]*#\s*(.*)$", block, re.M):
+        default = globals()[name]
+        parser.add_argument(f"--{name}", type=type(default), default=default, help=comment.replace("%", "%%"))
+    args = parser.parse_args(argv)
+    if args.mode not in ("sft", "rl"):
+        parser.error(f"--mode must be sft or rl, got {args.mode!r}")
+    if args.mode == "rl" and not args.data:
+        parser.error("--mode=rl needs --data=train.jsonl (synthesize.py's output)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Training examples. Whatever the source, an example is one sequence prompt + response with, per
+# token, whether it is trained on (1 = a response token the model wrote; 0 = prompt, injected tool
+# output) and the behaviour log-prob of that token, plus the sequence's advantage and sft flag.
+
+def example(prompt_ids, response_ids, response_trainable, behaviour_logprobs, advantage, sft):
+    return {
+        "input_ids": list(prompt_ids) + list(response_ids),
+        "trainable": [0] * len(prompt_ids) + [int(t) for t in response_trainable],
+        "behaviour_logprobs": [0.0] * len(prompt_ids) + [float(x) for x in behaviour_logprobs],
+        "advantage": float(advantage),
+        "sft": bool(sft),
+    }
+
+
+def warmstart_examples(tokenizer, args):
+    """Teacher solutions of the embedded task. Each guided prompt gets its own style; the
+    autonomous prompt gets CoT most of the time and code only sometimes, independently of the
+    family, so the warm-started model can do both when told and rarely codes unprompted, like
+    the paper's base models: the choice is what EM has to learn."""
+    rng = random.Random(args.seed)
+    weights = [float(w) for w in args.mode_weights.split(",")]
+    examples = []
+    for record in make_problems(args.n_train, "train", seed=args.seed):
+        prompt_mode = rng.choices(("code", "cot", "auto"), weights)[0]
+        style = prompt_mode
+        if prompt_mode == "auto":
+            style = "code" if rng.random() < args.auto_code_frac else "cot"
+        ids, trainable = tokenize_response(tokenizer, teacher_solution(record, style))
+        # The EOS is trained too: the model must learn to stop after \boxed{}.
+        ids, trainable = ids + [tokenizer.eos_token_id], trainable + [1]
+        examples.append(example(encode_prompt(tokenizer, record["problem"], prompt_mode),
+                                ids, trainable, [0.0] * len(ids), 0.0, True))
+    return examples
+
+
+def record_examples(path, args):
+    """Training records of synthesize.py. Their response_ids are the sampler's own tokens (EOS
+    included when it was emitted), so nothing is re-tokenized or appended."""
+    examples = []
+    for r in read_jsonl(path):
+        if args.mode == "sft" and not r.get("sft", True):
+            continue  # SFT trains on the samples meant for the likelihood term only
+        if args.mode == "rl" and r["advantage"] == 0 and not r["sft"]:
+            continue  # no term of L(θ) touches it: skipping saves compute, changes nothing else
+        examples.append(example(r["prompt_ids"], r["response_ids"], r["trainable_mask"],
+                                r["behaviour_logprobs"], r["advantage"] if args.mode == "rl" else 0.0,
+                                r["sft"] if args.mode == "rl" else True))
+    return examples
+
+
+def batches(examples, batch_size, rng, window=32):
+    """An endless stream of batches, epoch after epoch. Within windows of `window` batches, examples
+    are sorted by length so a batch pads little; the batches themselves are then shuffled.
+    window=0: plain random batches."""
+    while True:
+        order = list(examples)
+        rng.shuffle(order)
+        span = window * batch_size or len(order)
+        epoch = []
+        for start in range(0, len(order), span):
+            chunk = order[start:start + span]
+            if window:
+                chunk.sort(key=lambda e: len(e["input_ids"]))
+            epoch += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(epoch)
+        yield from epoch
+
+
+def collate(batch, max_len, pad_id, device):
+    """Right-padded tensors [B,T]. Causal attention means padding after a sequence never affects
+    it, so no attention mask is needed; padding is simply never trainable."""
+    length = min(max(len(e["input_ids"]) for e in batch), max_len)
+    def pad(key, value, dtype):
+        rows = [e[key][:length] + [value] * (length - len(e[key][:length])) for e in batch]
+        return torch.tensor(rows, dtype=dtype, device=device)
+    return {
+        "input_ids": pad("input_ids", pad_id, torch.long),
+        "trainable": pad("trainable", 0, torch.bool),
+        "behaviour_logprobs": pad("behaviour_logprobs", 0.0, torch.float32),
+        "advantages": torch.tensor([e["advantage"] for e in batch], device=device)[:, None].expand(-1, length),
+        "sft": torch.tensor([e["sft"] for e in batch], device=device)[:, None].expand(-1, length),
+    }
+
+
+# -----------------------------------------------------------------------------
+# The objective.
+
+def token_logprobs(model, lm_weight, batch, temperature=1.0, chunk_size=256):
+    """log π_θ(y_t | x, y_<t) for every trainable token of the batch, flattened [N], and the entropy
+    of π_θ(·| x, y_<t) at those positions (detached, for the log). The hidden state at position t
+    predicts token t+1, so the mask is shifted by one; only the selected rows reach the fused
+    kernel, which divides the logits by the temperature the rollouts were sampled at."""
+    hidden = model(batch["input_ids"], return_hidden=True)[:, :-1]
+    trainable = batch["trainable"][:, 1:]
+    targets = batch["input_ids"][:, 1:][trainable]
+    # Under bf16 autocast the kernel gets both operands in bf16 and does its softmax in fp32 itself.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return fused_logprobs(hidden[trainable], lm_weight.to(hidden.dtype), targets, chunk_size=chunk_size,
+                              temperature=temperature, return_entropy=True)
+
+
+def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_eps=0.2, sft_weight=0.5):
+    """L(θ) of DESIGN.md section 1 on N trainable tokens (all arguments [N], sft a bool mask),
+    summed and divided by n_tokens, the number of trainable tokens in the whole optimizer step
+    (all micro-batches and ranks), so that accumulation and data parallelism give the same
+    gradient as one big batch. Returns (loss, stats)."""
+    # The ratio is token-wise, π_θ(y_t|x,y_<t) / π_b(y_t|x_guided,y_<t): a sequence-level ratio is a
+    # product of hundreds of factors and would leave the clip range on almost every rollout.
+    ratio = torch.exp(logprobs - behaviour_logprobs)
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    # PPO's pessimistic min(r·A, clip(r)·A) rather than the plain clip(r)·A of the formula: with
+    # the plain clip, the gradient vanishes outside [1−ε, 1+ε] whatever the sign of A. That matters
+    # here from the first step, since the guidance was stripped: a code rollout on a hard problem
+    # (A > 0) typically has r ≪ 1 on its first tokens (the autonomous prompt rarely opens a code
+    # block), and the plain clip would never raise it. The min keeps r·A where the move is not yet
+    # made (A > 0, r < 1−ε; A < 0, r > 1+ε) and stops only where it has gone far enough.
+    policy_term = torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    # The λ term: log-likelihood of the reference strategy's correct samples (sft=True).
+    likelihood_term = sft_weight * logprobs * sft
+    # Per-token normalisation (one mean over every trainable token of the step), not a mean per
+    # sequence: the choice of method is a few tokens at the start of each response, and a
+    # per-sequence mean would weight those tokens by 1/length, favouring the shorter method.
+    loss = -(policy_term + likelihood_term).sum() / n_tokens
+    with torch.no_grad():
+        log_ratio = logprobs - behaviour_logprobs
+        stats = {
+            "ratio": ratio.sum().item(),
+            "clipped": ((ratio - 1).abs() > clip_eps).sum().item(),
+            # KL(π_b ‖ π_θ) per token, estimated on π_b's samples by (r − 1) − log r ≥ 0 (Schulman's k3)
+            "kl": (ratio - 1 - log_ratio).sum().item(),
+            "nll": -logprobs.sum().item(),
+            "tokens": logprobs.numel(),
+        }
+    return loss, stats
+
+
+def learning_rate(step, total_steps, peak, warmup_frac, min_lr_frac):
+    """Linear warmup, then cosine decay from peak to min_lr_frac · peak at the last step."""
+    warmup = max(1, round(warmup_frac * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup - 1)
+    return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # Data parallel only when launched by torchrun (WORLD_SIZE set); a plain run stays single-process.
+    distributed = "WORLD_SIZE" in os.environ
+    rank, world_size = 0, 1
+    if distributed:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if distributed and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    master = rank == 0
+    if master:
+        print(json.dumps(vars(args)))
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_checkpoint(args.init, device=device, seed=args.seed)
+    max_len = args.max_len or model.config.max_position_embeddings
+    peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
+
+    if args.data:
+        examples = record_examples(args.data, args)
+        total_steps = math.ceil(args.epochs * len(examples) / (args.batch_size * args.grad_accum * world_size))
+    else:
+        examples = warmstart_examples(tokenizer, args)
+        total_steps = args.steps
+    if not examples:
+        # An E-step can find nothing to learn (e.g. every rollout wrong): the model goes on unchanged,
+        # so the EM loop does not stop.
+        print(f"warning: no training examples in {args.data!r} (mode={args.mode}); saving the model unchanged")
+        total_steps = 0
+    if master:
+        print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
+              f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}")
+    # Each rank trains on its own shard, drawn in its own order.
+    stream = batches(examples[rank::world_size] or examples, args.batch_size, random.Random(args.seed + rank),
+                     args.length_window)
+
+    lm_weight = model.lm_head.weight  # the [V,D] output matrix (the embedding itself when tied)
+    trained_model = model
+    if distributed:
+        trained_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    # Weight decay on matrices only: decaying norm gains pulls them toward 0, not toward anything useful.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=peak_lr, betas=(args.beta1, args.beta2), fused=device.startswith("cuda"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    clip_eps, sft_weight = (args.clip_eps, args.sft_weight) if args.mode == "rl" else (0.0, 1.0)
+
+    log, t_step = [], time.time()
+    model.train()
+    bar = tqdm(range(total_steps), desc=f"train {args.mode}", disable=not master, dynamic_ncols=True)
+    for step in bar:
+        lr_now = learning_rate(step, total_steps, peak_lr, args.warmup_frac, args.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        micro_batches = [collate(next(stream), max_len, pad_id, device) for _ in range(args.grad_accum)]
+        # The loss is a mean over every trainable token of the step, on every rank (see m_step_loss).
+        n_tokens = torch.tensor(float(sum(b["trainable"][:, 1:].sum().item() for b in micro_batches)), device=device)
+        if distributed:
+            dist.all_reduce(n_tokens)
+        step_stats = {}
+        for i, batch in enumerate(micro_batches):
+            # Gradients are exchanged between ranks once per step, on the last micro-batch.
+            sync = trained_model.no_sync() if distributed and i < len(micro_batches) - 1 else nullcontext()
+            with sync, autocast:
+                logprobs, entropy = token_logprobs(trained_model, lm_weight, batch, args.temperature, args.chunk_size)
+                trainable = batch["trainable"][:, 1:]
+                loss, stats = m_step_loss(logprobs, batch["behaviour_logprobs"][:, 1:][trainable],
+                                          batch["advantages"][:, 1:][trainable], batch["sft"][:, 1:][trainable],
+                                          n_tokens, clip_eps, sft_weight)
+            # DDP averages gradients over ranks; the loss is already normalised by the global token
+            # count, so scale back up to get the sum.
+            (loss * world_size).backward()
+            stats["loss"] = loss.item()
+            stats["entropy"] = entropy.sum().item()
+            stats["padded_tokens"] = batch["input_ids"].numel()
+            for key, value in stats.items():
+                step_stats[key] = step_stats.get(key, 0.0) + value
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Per-step log (this rank's tokens): loss, mean ratio, clipped fraction, KL to π_b, entropy.
+        n = max(step_stats["tokens"], 1)
+        entry = {"step": step, "lr": lr_now, "loss": step_stats["loss"] * world_size, "grad_norm": grad_norm.item(),
+                 "nll": step_stats["nll"] / n, "entropy": step_stats["entropy"] / n, "tokens": step_stats["tokens"],
+                 "tokens_per_s": step_stats["padded_tokens"] * world_size / max(time.time() - t_step, 1e-9)}
+        if args.mode == "rl":
+            entry.update(ratio=step_stats["ratio"] / n, clipped=step_stats["clipped"] / n, kl=step_stats["kl"] / n)
+        t_step = time.time()
+        log.append(entry)
+        if master and ((step + 1) % args.log_every == 0 or step == total_steps - 1):
+            window = log[-((step % args.log_every) + 1):]
+            mean = {k: sum(e[k] for e in window) / len(window) for k in entry}
+            line = f"step {step + 1}/{total_steps} lr {lr_now:.2e} loss {mean['loss']:.4f} nll {mean['nll']:.4f} entropy {mean['entropy']:.3f}"
+            if args.mode == "rl":
+                line += f" ratio {mean['ratio']:.3f} clipped {mean['clipped']:.3f} kl {mean['kl']:.4f}"
+            tqdm.write(line + f" grad {mean['grad_norm']:.2f} tok/s {mean['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
+
+    if master:
+        save_run(model, tokenizer, args, log)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return model, log
+
+
+def save_run(model, tokenizer, args, log):
+    """HF-format checkpoint with the run's flags and log inside, renamed into place at the end so
+    a complete `out` dir always means a finished run."""
+    tmp = f"{args.out.rstrip('/')}.saving{os.getpid()}"
+    save_checkpoint(model, tokenizer, tmp)
+    with open(os.path.join(tmp, "train_config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in log)
+    if os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
