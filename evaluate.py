@@ -48,6 +48,10 @@ import threading
 import time
 from fractions import Fraction
 
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which otherwise steals the
+# cores that the sandbox workers need (DESIGN.md section 7).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # -----------------------------------------------------------------------------
 # The grader's knobs (module-level on purpose: explore.py and the tests import them).
 
@@ -1246,6 +1250,14 @@ def code_open_probability(net, prompts, open_ids):
     with the tokens of "```python", by teacher forcing: exp(Σ_j log p(open_j | prompt, open_<j)).
     Right padding is harmless (causal attention), and only the len(open_ids) positions that predict
     the block's tokens go through the output matrix."""
+    import torch
+    if not prompts:
+        return []
+    with torch.inference_mode():
+        return _code_open_probability(net, prompts, open_ids)
+
+
+def _code_open_probability(net, prompts, open_ids):
     import torch
     rows = [list(p) + list(open_ids) for p in prompts]
     width = max(len(r) for r in rows)

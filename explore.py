@@ -25,10 +25,13 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import sys
 import time
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which otherwise steals the
+# cores that the sandbox workers need (DESIGN.md section 7).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from tqdm import tqdm
@@ -36,7 +39,7 @@ from tqdm import tqdm
 import data
 import model as model_lib
 import sandbox
-from evaluate import grade
+from evaluate import code_open_probability, grade
 
 # ----------------------------------------------------------------------------- hyperparameters
 k = 4                      # rollouts per query per mode (paper: 5 in v1, 8 in v3)
@@ -107,31 +110,6 @@ def cached_tool(tool_timeout, tool_memory_mb, tool_workers):
 
     tool.counts = counts
     return tool
-
-
-# ----------------------------------------------------------------------------- the model's own code propensity
-@torch.inference_mode()
-def code_open_probability(model, prompts, opening_ids):
-    """P(response starts with ```python | autonomous prompt) = Π_t p(opening_t | prompt, opening_<t), the
-    probability the model itself gives to opening a code block unguided: π(code|x) without sampling
-    (at temperature 1, whatever temperature the rollouts use). One right-padded causal forward for all."""
-    if not prompts:
-        return []
-    full = [p + opening_ids for p in prompts]
-    longest = max(len(f) for f in full)
-    batch = torch.zeros(len(full), longest, dtype=torch.long)
-    for i, ids in enumerate(full):
-        batch[i, :len(ids)] = torch.tensor(ids)
-    # Hidden states, then logits only where the opening is predicted: never [B, T, V] (a 150K vocabulary).
-    hidden = model(batch.to(model.lm_head.weight.device), return_hidden=True)
-    targets = torch.tensor(opening_ids, device=hidden.device)
-    result = []
-    for i, prompt in enumerate(prompts):
-        # the token at position t is predicted by the hidden state at position t − 1
-        h = hidden[i, len(prompt) - 1:len(prompt) - 1 + len(opening_ids)]
-        logprobs = torch.log_softmax(model.lm_head(h).float(), -1)
-        result.append(math.exp(logprobs.gather(1, targets[:, None]).sum().item()))
-    return result
 
 
 # ----------------------------------------------------------------------------- one batch of rollouts

@@ -464,6 +464,12 @@ def save(model: Transformer, tokenizer, out_dir: str):
                        "pad_token_id": config.pad_token_id}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # mkdtemp made the dir private (0700); a checkpoint should be as readable as any file the user writes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         if os.path.exists(out_dir):
             old = tmp + ".old"
             os.rename(out_dir, old)

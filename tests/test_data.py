@@ -67,6 +67,11 @@ def check_cot(record, text):
                          line)
         assert m, line
         label, left, right = m.group(1), m.group(2), m.group(3)
+        if right is None and label is None:  # the restated 2-digit operation, before its digit steps
+            assert re.fullmatch(r"\d+ [-+] \d+", left), line
+            assert record["family"] == "add_sub" and left == record["expression"] or \
+                record["family"] == "mul_add" and record["expression"].endswith(left.split(" + ")[1])
+            continue
         if label == "result":
             assert right is None and left == record["answer"]
             continue
@@ -78,7 +83,7 @@ def check_cot(record, text):
             assert (m.group(5) == "carry") == (value >= 10 and "+" in left), line
         else:
             assert value == int(right), line
-    if record["family"] != "add_sub":  # the last step's result is the answer
+    if record["family"] in data.HARD_FAMILIES:  # the last step's result is the answer
         assert lines[-2].endswith("= " + record["answer"])
 
 
@@ -87,10 +92,13 @@ def test_teacher_cot_steps_are_right():
         check_cot(record, data.teacher_solution(record, "cot"))
     record = {"family": "add_sub", "expression": "62 - 37", "answer": "25"}
     assert data.teacher_solution(record, "cot") == (
-        "ones: 12 - 7 = 5, borrow 1\ntens: 6 - 3 - 1 = 2\nresult: 25\n\\boxed{25}")
+        "62 - 37\nones: 12 - 7 = 5, borrow 1\ntens: 6 - 3 - 1 = 2\nresult: 25\n\\boxed{25}")
     record = {"family": "add_sub", "expression": "68 + 57", "answer": "125"}
     assert data.teacher_solution(record, "cot") == (
-        "ones: 8 + 7 = 15, carry 1\ntens: 6 + 5 + 1 = 12\nresult: 125\n\\boxed{125}")
+        "68 + 57\nones: 8 + 7 = 15, carry 1\ntens: 6 + 5 + 1 = 12\nresult: 125\n\\boxed{125}")
+    record = {"family": "mul_add", "expression": "2 * 3 + 83", "answer": "89"}
+    assert data.teacher_solution(record, "cot") == (
+        "2 * 3 = 6\n6 + 83\nones: 6 + 3 = 9\ntens: 0 + 8 = 8\nresult: 89\n\\boxed{89}")
     with pytest.raises(ValueError):
         data.teacher_solution(record, "latex")
 
