@@ -297,10 +297,9 @@ def tokenize_response(tokenizer, text):
 # -----------------------------------------------------------------------------
 # JSONL plumbing shared by every stage.
 
-def read_jsonl(path):
-    """All records of a JSONL file (blank lines skipped). A malformed line is an error that names
-    the file and the line, never a silently shorter data set."""
-    records = []
+def iter_jsonl(path):
+    """(line number, record) for every record of a JSONL file (blank lines skipped). A malformed line is
+    an error that names the file and the line, never a silently shorter data set."""
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
@@ -312,8 +311,12 @@ def read_jsonl(path):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got "
                                  f"{type(record).__name__}")
-            records.append(record)
-    return records
+            yield line_number, record
+
+
+def read_jsonl(path):
+    """All records of a JSONL file, see iter_jsonl."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def read_queries(path):

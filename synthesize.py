@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from data import write_json_atomic
+from data import iter_jsonl, write_json_atomic
 
 # ----------------------------------------------------------------------------- hyperparameters
 strategy = "em"          # em: the paper (guided pools weighted by s*); rl: RL-only ablation (native
@@ -69,31 +69,22 @@ REQUIRED = ("id", "query_id", "mode", "response_ids", "sampled_mask", "behaviour
 def read_rollouts(path):
     """Every line a rollout record from explore.py; a malformed line is named by file and line."""
     rollouts, seen = [], {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in REQUIRED if k not in record]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: rollout record lacks {', '.join(missing)}")
-            n = len(record["response_ids"])
-            if len(record["sampled_mask"]) != n or len(record["behaviour_logprobs"]) != n:
-                raise ValueError(f"{path}:{lineno}: response_ids, sampled_mask and behaviour_logprobs "
-                                 f"differ in length")
-            if record["mode"] != NATIVE_MODE and "auto_prompt_ids" not in record:
-                raise ValueError(f"{path}:{lineno}: guided rollout without auto_prompt_ids (the autonomous "
-                                 f"prompt that replaces its guidance); rerun explore.py")
-            if record["id"] in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate id {record['id']!r} (first on line "
-                                 f"{seen[record['id']]})")
-            seen[record["id"]] = lineno
-            rollouts.append(record)
+    for lineno, record in iter_jsonl(path):
+        missing = [k for k in REQUIRED if k not in record]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: rollout record lacks {', '.join(missing)}")
+        n = len(record["response_ids"])
+        if len(record["sampled_mask"]) != n or len(record["behaviour_logprobs"]) != n:
+            raise ValueError(f"{path}:{lineno}: response_ids, sampled_mask and behaviour_logprobs "
+                             f"differ in length")
+        if record["mode"] != NATIVE_MODE and "auto_prompt_ids" not in record:
+            raise ValueError(f"{path}:{lineno}: guided rollout without auto_prompt_ids (the autonomous "
+                             f"prompt that replaces its guidance); rerun explore.py")
+        if record["id"] in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate id {record['id']!r} (first on line "
+                             f"{seen[record['id']]})")
+        seen[record["id"]] = lineno
+        rollouts.append(record)
     return rollouts
 
 
