@@ -228,14 +228,14 @@ def fused_bench(args):
     torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
     GB = 2**30
-    print(f"V={args.vocab} D={args.width} device={device} dtype={args.dtype} chunk_size={args.chunk_size} "
+    print(f"V={args.vocab} D={args.width} device={device} dtype={args.dtype} chunk_size={args.chunk_size} vocab_tile={args.vocab_tile or 'auto'} "
           f"threads={args.threads} repeats={args.repeats}")
     print("extra peak = peak memory during forward+backward above what was held before, minus the weight's own")
     print("gradient (V x D, both need it). Times are medians; naive and fused alternate.")
     header = f"{'N':>6} | {'naive s':>8} {'fused s':>8} {'time ratio':>10} | {'naive extra GB':>14} {'fused extra GB':>14} {'mem ratio':>9} | {'max |dlogp|':>11} {'max |dW|':>9} {'max |dh|':>9}"
     print(header)
     print("-" * len(header))
-    fused = lambda h, w, t: M.fused_logprobs(h, w, t, chunk_size=args.chunk_size)
+    fused = lambda h, w, t: M.fused_logprobs(h, w, t, chunk_size=args.chunk_size, vocab_tile=args.vocab_tile)
     for num_rows in [int(n) for n in args.rows.split(",")]:
         generator = torch.Generator().manual_seed(0)
         hidden = torch.randn(num_rows, args.width, generator=generator).to(device, dtype).requires_grad_()
@@ -282,6 +282,7 @@ def fused_main(argv):
     parser.add_argument("--width", type=int, default=FUSED_WIDTH)
     parser.add_argument("--rows", default=FUSED_ROWS, help="comma-separated row counts N")
     parser.add_argument("--chunk_size", type=int, default=M.CHUNK_SIZE)
+    parser.add_argument("--vocab_tile", type=int, default=None, help="default: the kernel's own choice")
     parser.add_argument("--repeats", type=int, default=FUSED_REPEATS)
     parser.add_argument("--threads", type=int, default=FUSED_THREADS)
     parser.add_argument("--device", default=FUSED_DEVICE)

@@ -43,6 +43,35 @@ def test_matches_naive_fp32(chunk_size):
     assert_all_close(got, expected, atol=1e-5)
 
 
+# 50 logits per row in vocabulary tiles that divide it (5, 50), that do not (1, 7, 13) and a tile larger than V
+@pytest.mark.parametrize("vocab_tile", [1, 5, 7, 13, 50, 64])
+@pytest.mark.parametrize("chunk_size", [4, 23])
+def test_matches_naive_fp32_vocab_tiles(vocab_tile, chunk_size):
+    inputs = make(23)
+    expected = values_and_grads(naive, *inputs)
+    got = values_and_grads(fused_logprobs, *inputs, chunk_size=chunk_size, vocab_tile=vocab_tile)
+    assert_all_close(got, expected, atol=1e-5)
+
+
+def test_online_log_sum_exp_with_far_apart_tiles():
+    # each row's largest logits sit in a late tile, hundreds above the first tile's: the running max
+    # must rescale the running sums (eq. 3), where a fixed shift would overflow exp or lose everything
+    hidden, weight, targets, upstream = make(6, vocab=40, width=8, seed=4)
+    direction = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    with torch.no_grad():
+        hidden.mul_(0.1).add_(3 * direction)    # every row points along one direction...
+        weight.mul_(0.1)[30:] += 25 * direction  # ...and so do the last tile's weights: logits ~75 there, ~0 before
+    inputs = (hidden, weight, targets, upstream)
+    got = values_and_grads(fused_logprobs, *inputs, chunk_size=4, vocab_tile=8)
+    expected = values_and_grads(naive, *inputs)
+    logits = (hidden @ weight.T).detach()
+    assert (logits[:, 30:].max(1).values - logits[:, :8].max(1).values).min() > 50  # the case is what it says
+    assert_all_close(got, expected, atol=1e-4 * max(1.0, expected[2].abs().max().item()))
+    _, entropy = fused_logprobs(hidden, weight, targets, chunk_size=4, vocab_tile=8, return_entropy=True)
+    probs = torch.softmax(logits, dim=-1)
+    assert (entropy - (-(probs * probs.clamp_min(1e-30).log()).sum(-1))).abs().max() <= 1e-4
+
+
 def test_single_row():
     inputs = make(1)
     assert_all_close(values_and_grads(fused_logprobs, *inputs, chunk_size=4), values_and_grads(naive, *inputs), 1e-5)
@@ -107,9 +136,11 @@ def test_bf16_tolerance():
         assert (a.float() - b).norm() <= 2e-2 * b.norm()
 
 
-def test_entropy_for_logging():
+@pytest.mark.parametrize("vocab_tile", [None, 7])
+def test_entropy_for_logging(vocab_tile):
     hidden, weight, targets, _ = make(13)
-    logprobs, entropy = fused_logprobs(hidden, weight, targets, chunk_size=5, temperature=0.8, return_entropy=True)
+    logprobs, entropy = fused_logprobs(hidden, weight, targets, chunk_size=5, temperature=0.8, return_entropy=True,
+                                       vocab_tile=vocab_tile)
     probs = torch.softmax(hidden @ weight.T / 0.8, dim=-1)
     assert (entropy - (-(probs * probs.log()).sum(-1))).abs().max() <= 1e-5
     assert not entropy.requires_grad

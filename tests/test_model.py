@@ -113,7 +113,10 @@ def prompts_of_different_lengths(n=5):
     return [torch.randint(2, VOCAB, (int(length),), generator=g).tolist() for length in torch.randint(1, 12, (n,), generator=g)]
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
+# cache_block=3: the sampler's KV cache grows (and is copied) many times during the run
+@pytest.mark.parametrize("cache_block", [M.CACHE_BLOCK, 3])
+def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, cache_block):
+    monkeypatch.setattr(M, "CACHE_BLOCK", cache_block)
     # initializer_range 0.2 makes logits peaked, so float rounding between two implementations cannot flip an argmax
     hf = make_checkpoint(str(tmp_path / "ck"), "qwen2_gqa_bias_tied", seed=2, initializer_range=0.2)
     model, _ = M.load(str(tmp_path / "ck"))
@@ -129,7 +132,9 @@ def test_greedy_generation_matches_transformers(tmp_path):
         assert sample.tokens == row and sample.finish_reason == "length" and sample.sampled_mask == [1] * new
 
 
-def test_cached_equals_cache_free_and_logprobs(checkpoints):
+@pytest.mark.parametrize("cache_block", [M.CACHE_BLOCK, 3])
+def test_cached_equals_cache_free_and_logprobs(checkpoints, monkeypatch, cache_block):
+    monkeypatch.setattr(M, "CACHE_BLOCK", cache_block)
     model, _ = M.load(checkpoints["llama_gqa_untied"][0])
     prompts = prompts_of_different_lengths()
     samples = M.generate(model, prompts, 20, temperature=0, eos_token_id=[])
