@@ -149,6 +149,11 @@ def make_problems(n, split, seed=0):
 # steps for its addition, so both easy families train one shared skill. Measured with the warm
 # start (test split, forced CoT): without the restated line add_sub reached 81%, and mul_add's
 # one-line "42 + 61 = 103" 6%; with it, 100% and 95%.
+# The result line is the tens line's number followed by the ones digit with no exception, so
+# 19 - 16 ends "result: 03" and "\boxed{03}" (the grader compares numbers: 03 = 3). Dropping the
+# leading 0 was the one irregular step, needed by the ~12% of subtractions with a one-digit
+# result, and the commonest CoT error: three warm starts got 3, 14 and 20 of those 21 test
+# problems right, and 147-151 of the other 151.
 
 def _cot_add_sub(a, b, op):
     """Digit-level steps of a 2-digit addition or subtraction (a >= b for "-"), after restating it."""
@@ -168,33 +173,36 @@ def _cot_add_sub(a, b, op):
         tens = a1 - b1 - borrow
         lines.append(f"tens: {a1} - {b1}" + (" - 1" if borrow else "") + f" = {tens}")
         result = tens * 10 + ones
-    lines.append(f"result: {result}")
-    return lines, result
+    # the result is the tens line's number followed by the ones digit, always: "03" for 19 - 16 (see above)
+    digits = f"{tens}{ones % 10}"
+    assert int(digits) == result
+    lines.append(f"result: {digits}")
+    return lines, digits
 
 
 def _cot_lines(record):
-    """The intermediate steps of the CoT solution of a record, parsed back from its expression."""
+    """The intermediate steps of the CoT solution of a record, parsed back from its expression, and
+    the answer as the steps write it (the result line's digits for the easy families)."""
     family, tokens = record["family"], record["expression"].split()
     if family == "add_sub":
-        lines, _ = _cot_add_sub(int(tokens[0]), int(tokens[2]), tokens[1])
-        return lines
+        return _cot_add_sub(int(tokens[0]), int(tokens[2]), tokens[1])
     if family == "mul_add":
         a, b, c = int(tokens[0]), int(tokens[2]), int(tokens[4])
-        lines, _ = _cot_add_sub(a * b, c, "+")
-        return [f"{a} * {b} = {a * b}"] + lines
+        lines, digits = _cot_add_sub(a * b, c, "+")
+        return [f"{a} * {b} = {a * b}"] + lines, digits
     if family == "mul":
         # Partial products, one per digit of the 2-digit factor, then their sum.
         a, b = int(tokens[0]), int(tokens[2])
         ones, tens = a * (b % 10), a * (b // 10 * 10)
         return [f"{a} * {b % 10} = {ones}", f"{a} * {b // 10 * 10} = {tens}",
-                f"{ones} + {tens} = {ones + tens}"]
+                f"{ones} + {tens} = {ones + tens}"], record["answer"]
     if family == "chain":
         total, lines = int(tokens[0]), []
         for sign, x in zip(tokens[1::2], tokens[2::2]):
             new = total + int(x) if sign == "+" else total - int(x)
             lines.append(f"{total} {sign} {x} = {new}")
             total = new
-        return lines
+        return lines, record["answer"]
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -211,7 +219,8 @@ def teacher_solution(record, style):
     answer = record["answer"]
     if style == "cot":
         _expression_of(record)
-        return "\n".join(_cot_lines(record)) + f"\n\\boxed{{{answer}}}"
+        lines, written_answer = _cot_lines(record)
+        return "\n".join(lines) + f"\n\\boxed{{{written_answer}}}"
     if style == "code":
         from model import TOOL_TRIGGER, tool_injection  # lazy: writing queries needs no torch
         # The output block is what sandbox.format_output gives for this program: its stdout with

@@ -71,7 +71,7 @@ length_window = 0        # W > 0: batch by similar length within windows of W ba
                          # batches: the warm start's forced CoT on add_sub fell from 99% to 77%)
 # the M-step objective
 clip_eps = 0.2           # ε of the clipped ratio (the paper's clip range [0.8, 1.2])
-sft_weight = 0.5         # λ: weight of the log-likelihood of the reference strategy's correct samples (records with sft=true)
+sft_weight = 1.0         # λ: weight of the log-likelihood of the reference strategy's correct samples (records with sft=true)
 temperature = 1.0        # the rollouts' sampling temperature: π_θ is evaluated at the temperature π_b sampled at
 # mechanics
 chunk_size = 256         # rows per chunk of the fused log-prob kernel (its only [rows, V] buffer)
@@ -202,7 +202,7 @@ def token_logprobs(model, lm_weight, batch, temperature=1.0, chunk_size=256):
                               temperature=temperature, return_entropy=True)
 
 
-def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_eps=0.2, sft_weight=0.5):
+def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_eps=0.2, sft_weight=1.0):
     """L(θ) of DESIGN.md section 1 on N trainable tokens (all arguments [N], sft a bool mask),
     summed and divided by n_tokens, the number of trainable tokens in the whole optimizer step
     (all micro-batches and ranks), so that accumulation and data parallelism give the same
