@@ -228,8 +228,8 @@ def fused_bench(args):
     torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
     GB = 2**30
-    print(f"V={args.vocab} D={args.width} device={device} dtype={args.dtype} chunk_size={args.chunk_size} vocab_tile={args.vocab_tile or 'auto'} "
-          f"threads={args.threads} repeats={args.repeats}")
+    print(f"V={args.vocab} D={args.width} device={device} dtype={args.dtype} chunk_size={args.chunk_size} "
+          f"vocab_tile={args.vocab_tile or 'auto'} threads={args.threads} repeats={args.repeats}")
     print("extra peak = peak memory during forward+backward above what was held before, minus the weight's own")
     print("gradient (V x D, both need it). Times are medians; naive and fused alternate.")
     header = f"{'N':>6} | {'naive s':>8} {'fused s':>8} {'time ratio':>10} | {'naive extra GB':>14} {'fused extra GB':>14} {'mem ratio':>9} | {'max |dlogp|':>11} {'max |dW|':>9} {'max |dh|':>9}"

@@ -30,7 +30,8 @@ K=${K:-4}                       # rollouts per query per mode (paper: 5 or 8); S
 FORM=${FORM:-argmax}            # reference strategy s*: posterior | tempered (the paper) | argmax (paper v1).
                                 # argmax here: the softer forms follow the model's own π where both methods
                                 # succeed, and on the toy task that let code creep into easy families
-                                # (easy code 23%, selection 84% after 2 iterations, vs 8% / 94% with argmax)
+                                # (with an earlier warm start: easy code 23%, selection 84% after 2 iterations,
+                                # vs 8% / 94% with argmax)
 EPOCHS=${EPOCHS:-2}             # M-step passes over the synthesized records
 LR=${LR:-1e-4}                  # M-step peak learning rate
 SFT_WEIGHT=${SFT_WEIGHT:-$([ "$STRATEGY" = rl ] && echo 0 || echo 1.0)}  # λ; RL-only has no D_s*, so no λ term.

@@ -74,7 +74,7 @@ clip_eps = 0.2           # ε of the clipped ratio (the paper's clip range [0.8,
 sft_weight = 1.0         # λ: weight of the log-likelihood of the reference strategy's correct samples (records with sft=true)
 temperature = 1.0        # the rollouts' sampling temperature: π_θ is evaluated at the temperature π_b sampled at
 # mechanics
-chunk_size = 256         # rows per chunk of the fused log-prob kernel (its only [rows, V] buffer)
+chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buffer: rows x a vocabulary tile)
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
 device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 log_every = 50           # print a loss line every this many steps
