@@ -538,11 +538,7 @@ class _Parser:
             sign = self.take()[1]
             value = self.exponent()
             return ("neg", value) if sign == "-" else value
-        node = self.postfix()
-        if self.peek()[1] == "^":
-            self.take()
-            return ("pow", node, self.exponent())
-        return node
+        return self.power()
 
     def postfix(self):
         node = self.atom()

@@ -91,18 +91,17 @@ def check_cot(record, text):
 def test_teacher_cot_steps_are_right():
     for record in data.make_problems(700, "test", seed=3):
         check_cot(record, data.teacher_solution(record, "cot"))
-    record = {"family": "add_sub", "expression": "62 - 37", "answer": "25"}
-    assert data.teacher_solution(record, "cot") == (
-        "62 - 37\nones: 12 - 7 = 5, borrow 1\ntens: 6 - 3 - 1 = 2\nresult: 25\n\\boxed{25}")
-    record = {"family": "add_sub", "expression": "68 + 57", "answer": "125"}
-    assert data.teacher_solution(record, "cot") == (
-        "68 + 57\nones: 8 + 7 = 15, carry 1\ntens: 6 + 5 + 1 = 12\nresult: 125\n\\boxed{125}")
-    record = {"family": "add_sub", "expression": "19 - 16", "answer": "3"}
-    assert data.teacher_solution(record, "cot") == (
-        "19 - 16\nones: 9 - 6 = 3\ntens: 1 - 1 = 0\nresult: 03\n\\boxed{03}")
-    record = {"family": "mul_add", "expression": "2 * 3 + 83", "answer": "89"}
-    assert data.teacher_solution(record, "cot") == (
-        "2 * 3 = 6\n6 + 83\nones: 6 + 3 = 9\ntens: 0 + 8 = 8\nresult: 89\n\\boxed{89}")
+    hand_checked = [
+        ("add_sub", "62 - 37", "25", "62 - 37\nones: 12 - 7 = 5, borrow 1\ntens: 6 - 3 - 1 = 2\nresult: 25\n\\boxed{25}"),
+        ("add_sub", "68 + 57", "125",
+         "68 + 57\nones: 8 + 7 = 15, carry 1\ntens: 6 + 5 + 1 = 12\nresult: 125\n\\boxed{125}"),
+        ("add_sub", "19 - 16", "3", "19 - 16\nones: 9 - 6 = 3\ntens: 1 - 1 = 0\nresult: 03\n\\boxed{03}"),
+        ("mul_add", "2 * 3 + 83", "89",
+         "2 * 3 = 6\n6 + 83\nones: 6 + 3 = 9\ntens: 0 + 8 = 8\nresult: 89\n\\boxed{89}"),
+    ]
+    for family, expression, answer, solution in hand_checked:
+        record = {"family": family, "expression": expression, "answer": answer}
+        assert data.teacher_solution(record, "cot") == solution
     with pytest.raises(ValueError):
         data.teacher_solution(record, "latex")
 
