@@ -11,7 +11,10 @@ bench.py — the two speed/memory claims of model.py, each measured against its 
 
 Sampler: greedy, fixed length (EOS ignored), the same batch of prompts of different lengths (left-padded for HF, as it
 needs), the greedy tokens of both checked identical. Both run alternately in one process, `repeats` times each, and the
-ratio of medians is what to quote: on a shared machine absolute numbers swing, ratios much less.
+ratio of medians is what to quote: on a shared machine absolute numbers swing, ratios much less. On CPU the last column
+is a ceiling: HF's time over the time our run spends in matrix products and the attention kernel, which both samplers
+must run; no sampler made of these kernels could beat HF by more on this machine. `--threads` matters (torch's
+default is one per core): with 2 threads the kernels halve while per-op overhead does not, so the ratio rises.
 
 Fused: extra peak memory = peak during forward+backward above what was held before, minus the weight's own gradient
 (V x D, both need it). On CPU peak RSS is reset through /proc/self/clear_refs and read back as VmHWM.
@@ -34,21 +37,23 @@ import transformers
 import model as M
 
 # ---- sampler defaults (override with --name=value)
-SIZES = "tiny,25m,tiny-b4"  # which rows of the table to run (tiny, 25m, tiny-b4, qwen0.5b)
+SIZES = "tiny,25m,25m-k4,tiny-b4"  # which rows of the table to run (tiny, 25m, 25m-k4, tiny-b4, qwen0.5b)
 DEVICE = "cpu"
 THREADS = 1               # torch CPU threads (1: on a shared 2-core machine a second thread mostly waits)
 REPEATS = 3               # alternating runs of each implementation
 HBM_GBPS = 0.0            # GPU memory bandwidth for the bound; 0 = guess from the device name
 SEED = 0
 
-# name: (config fields for a random Llama/Qwen2, batch, prompt length range, new tokens, dtype on GPU)
+LLAMA_25M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=1536, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=0)
+# name: (config fields for a random Llama/Qwen2, batch, prompt length range, new tokens[, copies of each prompt])
 PRESETS = {
     "tiny": (dict(M.TINY_CONFIG), 64, (40, 80), 128),
     # small batch, short prompts: the step is bound by per-op overhead, not by memory traffic
     "tiny-b4": (dict(M.TINY_CONFIG), 4, (8, 16), 64),
-    "25m": (dict(vocab_size=8192, hidden_size=512, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=4,
-                 intermediate_size=1536, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=0),
-            16, (32, 64), 64),
+    "25m": (LLAMA_25M, 16, (32, 64), 64),
+    # the same, shaped like explore.py's calls: 4 prompts x K=4 rollouts of each (HF prefills every copy)
+    "25m-k4": (LLAMA_25M, 16, (32, 64), 64, 4),
     "qwen0.5b": (dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                       num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768, rope_theta=1e6,
                       tie_word_embeddings=True, qkv_bias=True, architecture="Qwen2ForCausalLM", eos_token_id=0),
@@ -59,7 +64,8 @@ KNOWN_BANDWIDTH_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L4": 300, "A1
 
 def build(name, device, dtype):
     """Our model with random weights, and transformers' model loaded from what save() wrote (the same weights)."""
-    fields, batch, (shortest, longest), new_tokens = PRESETS[name]
+    fields, batch, (shortest, longest), new_tokens, *copies = PRESETS[name]
+    copies = copies[0] if copies else 1
     torch.manual_seed(SEED)
     model = M.Transformer(M.Config(**fields))
     M.init_weights(model)
@@ -70,8 +76,9 @@ def build(name, device, dtype):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     g = torch.Generator().manual_seed(SEED)
-    lengths = torch.randint(shortest, longest + 1, (batch,), generator=g).tolist()
-    prompts = [torch.randint(2, fields["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    lengths = torch.randint(shortest, longest + 1, (batch // copies,), generator=g).tolist()
+    distinct = [torch.randint(2, fields["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    prompts = [prompt for prompt in distinct for _ in range(copies)]
     return model, hf, prompts, new_tokens
 
 
@@ -98,6 +105,20 @@ def timed(fn, device):
     if device != "cpu":
         torch.cuda.synchronize()
     return result, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def kernel_time(fn):
+    """Seconds that one run of fn spends inside matrix products and the attention kernel, as torch.profiler counts
+    them. Both samplers run these same kernels on the same numbers (ours over a few more cache positions), so on a CPU
+    this is the floor under our time, and HF's time over it is the highest ratio that any sampler built from these
+    kernels could reach here: the rest (norms, RoPE, sampling, Python) is all a faster sampler can cut."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        fn()
+    return sum(event.self_cpu_time_total for event in profiler.key_averages() if event.key in KERNELS) / 1e6
 
 
 def bandwidth_bound(model, prompts, new_tokens, dtype, gbps):
@@ -138,11 +159,14 @@ def sampler_main(argv):
                 print(f"  WARNING {name}: greedy tokens differ ({same:.1%} identical)")
         tokens = len(prompts) * new_tokens
         ours_tps, hf_tps = tokens / statistics.median(ours_times), tokens / statistics.median(hf_times)
+        kernel_seconds = kernel_time(lambda: run_ours(model, prompts, new_tokens)) if args.device == "cpu" else 0.0
         row = dict(size=name, params_m=round(params / 1e6, 2), batch=len(prompts), new_tokens=new_tokens,
                    device=args.device, ours_tok_s=round(ours_tps), hf_tok_s=round(hf_tps),
                    ratio=round(ours_tps / hf_tps, 2),
                    cpu_time_ratio=round(statistics.median(hf_cpu) / statistics.median(ours_cpu), 2),
                    identical=ours == theirs)
+        if kernel_seconds:
+            row.update(kernel_s=round(kernel_seconds, 3), ceiling=round(statistics.median(hf_times) / kernel_seconds, 2))
         if args.device != "cpu":
             device_name = torch.cuda.get_device_name()
             gbps = args.hbm_gbps or next((v for k, v in KNOWN_BANDWIDTH_GBPS.items() if k in device_name), 0)
@@ -151,12 +175,14 @@ def sampler_main(argv):
                 row.update(gpu=device_name, bound_tok_s=round(bound), of_bound=round(ours_tps / bound, 2))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| size | params | batch | new tokens | device | ours tok/s | HF tok/s | ratio (wall) | ratio (CPU time) "
-          "| identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| size | params | batch | new tokens | device | threads | ours tok/s | HF tok/s | ratio (wall) "
+          "| ratio (CPU time) | kernel ceiling | identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['params_m']}M | {r['batch']} | {r['new_tokens']} | {r['device']} | {r['ours_tok_s']} "
-              f"| {r['hf_tok_s']} | {r['ratio']}x | {r['cpu_time_ratio']}x | {r['identical']} |")
+        ceiling = f"{r['ceiling']}x" if "ceiling" in r else "-"
+        print(f"| {r['size']} | {r['params_m']}M | {r['batch']} | {r['new_tokens']} | {r['device']} | {args.threads} "
+              f"| {r['ours_tok_s']} | {r['hf_tok_s']} | {r['ratio']}x | {r['cpu_time_ratio']}x | {ceiling} "
+              f"| {r['identical']} |")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

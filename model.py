@@ -160,21 +160,34 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, cache=None, decode=None):
-        """x [B,T,D]. Without a cache: causal self-attention over x (training, scoring). With a cache (this layer's k, v,
-        each [slots, K, L, hd]) and decode=None: a prefill of the first B slots from position 0. With decode = (write
-        index, key length, additive mask): one step, each row writing its key/value at its own position and attending to
-        its own prefix of the cache."""
+    def forward(self, x, cos, sin, cache=None, decode=None, packing=None):
+        """x [B,T,D]. Without a cache: causal self-attention over x (training, scoring). With decode = (write index,
+        key length, additive mask) and this layer's cache (k, v, each [slots, K, L, hd]): one step, each row writing its
+        key/value at its own position and attending to its own prefix of the cache. With packing = (scatter index,
+        prompts, longest): a prefill, x [1,N,D] holding N tokens of several prompts back to back (see Transformer.prefill);
+        the keys and values are written to the first `prompts` slots of the cache."""
         B, T, _ = x.shape
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # RoPE on the query and key heads in one go: they share the rotation of each position
         qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if packing is not None:
+            # The projections above ran on real tokens only; attention needs each prompt on its own, so q, k and v are
+            # scattered into a right-padded [prompts, heads, longest, hd] layout (cheap copies), attended causally (the
+            # padding sits after every real token, so no real token sees it), and the real rows gathered back.
+            index, prompts, longest = packing
+            heads = self.n_head + 2 * self.n_kv_head
+            padded = x.new_zeros(prompts * longest, heads, self.head_dim)
+            padded[index] = torch.cat((qk, v), dim=1)[0].transpose(0, 1)
+            q, k, v = padded.view(prompts, longest, heads, self.head_dim).transpose(1, 2).split(
+                [self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+            cache[0][:prompts, :, :longest] = k
+            cache[1][:prompts, :, :longest] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+            y = y.transpose(1, 2).reshape(prompts * longest, self.q_size)[index]
+            return self.o_proj(y[None])
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if decode is None:
-            if cache is not None:
-                cache[0][:B, :, :T] = k
-                cache[1][:B, :, :T] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
         else:
             write_index, L, mask = decode
@@ -212,8 +225,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, decode=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, decode)
+    def forward(self, x, cos, sin, cache=None, decode=None, packing=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, decode, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -257,28 +270,44 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def step(self, input_ids, cache, positions=None, key_length=None):
-        """The cached forward of generate(). cache = (k, v), each [layers, slots, K, L_max, hd].
-        positions=None: prefill of input_ids [B,T] (right-padded) into the first B slots from position 0.
-        Otherwise one decode step: input_ids [n,1] at positions [n] for the first n slots, attending to the first
-        key_length cache positions (up to each row's own position). Returns the final hidden states [B,T,D]."""
+    def prefill(self, prompts, cache):
+        """The first forward of generate(): the token lists in `prompts` packed back to back into one sequence, no
+        padding, so the matmuls (nearly all of a forward's work) see only real tokens. Writes each prompt's keys and
+        values into its slot of cache = (k, v), each [layers, slots, K, L_max, hd], from position 0; returns the final
+        hidden state at each prompt's last token [P, D]."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        longest = int(lengths.max())
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+        prompt_of_token = torch.arange(len(prompts)).repeat_interleave(lengths)
+        last = lengths.cumsum(0) - 1  # each prompt's last token in the packed sequence
+        # index lists are built on the CPU and moved once (on a GPU, hundreds of tiny aranges would each be a launch)
+        device = self.embed_tokens.weight.device
+        tokens = torch.tensor([t for p in prompts for t in p]).to(device)
+        positions, scatter_index, last = (t.to(device) for t in (positions, prompt_of_token * longest + positions, last))
+        x = self.embed_tokens(tokens)[None]
+        cos, sin = self.rope_tables(longest, x.dtype)
+        cos, sin = cos[positions], sin[positions]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, (cache[0][i], cache[1][i]), packing=(scatter_index, len(prompts), longest))
+        return self.norm(x[0, last])
+
+    def step(self, input_ids, cache, positions, key_length):
+        """One decode step of generate(): input_ids [n,1] at positions [n] for the first n slots of cache = (k, v), each
+        [layers, slots, K, L_max, hd], attending to the first key_length cache positions (up to each row's own
+        position). Returns the final hidden states [n,1,D]."""
         x = self.embed_tokens(input_ids)
-        n, T = input_ids.shape
+        n = input_ids.shape[0]
         _, slots, kv_heads, max_length, _ = cache[0].shape
         cos, sin = self.rope_tables(max_length, x.dtype)
-        decode = None
-        if positions is None:
-            cos, sin = cos[:T], sin[:T]
-        else:
-            cos, sin = cos[positions][:, None, None], sin[positions][:, None, None]
-            heads = torch.arange(kv_heads, device=x.device)
-            slot = torch.arange(n, device=x.device)
-            write_index = ((slot[:, None] * kv_heads + heads) * max_length + positions[:, None]).reshape(-1)
-            # additive mask, 0 where key position <= the row's own position, -inf after (built once, shared by layers)
-            keys = torch.arange(key_length, device=x.device)
-            mask = torch.zeros(n, 1, 1, key_length, dtype=x.dtype, device=x.device)
-            mask.masked_fill_(keys > positions[:, None, None, None], float("-inf"))
-            decode = (write_index, key_length, mask)
+        cos, sin = cos[positions][:, None, None], sin[positions][:, None, None]
+        heads = torch.arange(kv_heads, device=x.device)
+        slot = torch.arange(n, device=x.device)
+        write_index = ((slot[:, None] * kv_heads + heads) * max_length + positions[:, None]).reshape(-1)
+        # additive mask, 0 where key position <= the row's own position, -inf after (built once, shared by layers)
+        keys = torch.arange(key_length, device=x.device)
+        mask = torch.zeros(n, 1, 1, key_length, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(keys > positions[:, None, None, None], float("-inf"))
+        decode = (write_index, key_length, mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, (cache[0][i], cache[1][i]), decode)
         return self.norm(x)
@@ -665,15 +694,17 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     longest = min(context, max(len(p) for p in prompts) + max_new_tokens)
     dtype = model.embed_tokens.weight.dtype
 
-    def cache_with_capacity(capacity, old=None):
-        shape = (config.num_hidden_layers, B, config.num_key_value_heads, capacity, config.head_dim)
+    def cache_with_capacity(capacity, old=None, slots=B, copy_of=None):
+        """A fresh cache of `capacity` positions holding what `old` holds (slot i taken from old's copy_of[i])."""
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
         new = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         if old is not None:
             for new_tensor, old_tensor in zip(new, old):
-                new_tensor[:, :, :, :old_tensor.shape[3]] = old_tensor
+                for layer in range(config.num_hidden_layers):  # one layer at a time: a gather's copy stays small
+                    rows = old_tensor[layer] if copy_of is None else old_tensor[layer, copy_of]
+                    new_tensor[layer, :, :, :old_tensor.shape[3]] = rows
         return new
 
-    cache = cache_with_capacity(min(longest, max(len(p) for p in prompts) + CACHE_BLOCK))
     # Cache slots are kept ordered [active rows | paused or finished rows], so a step runs on the views cache[:, :n]
     # without copying; a row changing state swaps slots with another (two rows copied, not the whole cache).
     slot_row = list(range(B))                                         # slot -> row
@@ -793,18 +824,22 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         for row in rows:  # zero room: nothing to generate
             if max_new_tokens <= 0 or row.prompt_length >= context:
                 finish(row, "length")
-        # Prefill: all prompts right-padded into one causal forward that fills the cache from position 0; each row's
-        # first token comes from the logits at its last prompt token (padding sits after it, so never attended).
+        # Prefill: one packed forward over each distinct prompt once (explore.py draws K rollouts of every prompt in
+        # one batch, so most prompts come K times); the rows sharing a prompt then copy its keys and values. Each
+        # row's first token comes from the hidden state at its prompt's last token.
+        distinct = {}
+        for prompt in prompts:
+            distinct.setdefault(tuple(prompt), len(distinct))
+        copy_of = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
         longest_prompt = max(len(p) for p in prompts)
-        padded = torch.zeros(B, longest_prompt, dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompts):
-            padded[i, :len(prompt)] = torch.tensor(prompt, device=device)
-        hidden = model.step(padded, cache)
-        last = hidden[torch.arange(B, device=device), lengths - 1]  # slots are still in row order here
+        prefilled = cache_with_capacity(longest_prompt, slots=len(distinct))
+        last = model.prefill(list(distinct), prefilled)[copy_of]  # slots are still in row order here
+        cache = cache_with_capacity(min(longest, longest_prompt + CACHE_BLOCK), prefilled, copy_of=copy_of)
+        del prefilled
         n = compact()
         if n:
             handle(n, model.lm_head(last[torch.tensor(slot_row[:n], device=device)]))
-        del hidden, last
+        del last
         while True:
             if tool is not None:
                 submit_tool_requests()

@@ -136,7 +136,8 @@ def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, cache_blo
 def test_cached_equals_cache_free_and_logprobs(checkpoints, monkeypatch, cache_block):
     monkeypatch.setattr(M, "CACHE_BLOCK", cache_block)
     model, _ = M.load(checkpoints["llama_gqa_untied"][0])
-    prompts = prompts_of_different_lengths()
+    distinct = prompts_of_different_lengths()
+    prompts = distinct[:3] + distinct[:2] + distinct[3:] + [distinct[0]]  # repeats share one prefill
     samples = M.generate(model, prompts, 20, temperature=0, eos_token_id=[])
     for prompt, sample in zip(prompts, samples):
         ids, logprobs = list(prompt), []
@@ -147,6 +148,31 @@ def test_cached_equals_cache_free_and_logprobs(checkpoints, monkeypatch, cache_b
                 logprobs.append(float(torch.log_softmax(logits, -1)[ids[-1]]))
         assert sample.tokens == ids[len(prompt):]
         assert sample.logprobs == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_packed_prefill_matches_forward_and_fills_the_cache(checkpoints):
+    """prefill() runs prompts back to back without padding; every prompt must come out as if it ran alone."""
+    model, _ = M.load(checkpoints["qwen2_gqa_bias_tied"][0])
+    prompts = prompts_of_different_lengths(6)
+    c = model.config
+    shape = (c.num_hidden_layers, len(prompts), c.num_key_value_heads, max(map(len, prompts)), c.head_dim)
+    cache = (torch.zeros(shape), torch.zeros(shape))
+    with torch.no_grad():
+        last = model.prefill(prompts, cache)
+        for i, prompt in enumerate(prompts):
+            alone = model(torch.tensor([prompt]), return_hidden=True)[0, -1]
+            assert torch.allclose(last[i], alone, atol=1e-5)
+            # the cached keys of the last layer, recomputed from that layer's input in a plain forward
+            x = model.embed_tokens(torch.tensor([prompt]))
+            cos, sin = model.rope_tables(len(prompt), x.dtype)
+            for layer in model.layers[:-1]:
+                x = layer(x, cos[:len(prompt)], sin[:len(prompt)])
+            attention = model.layers[-1].self_attn
+            qkv = attention.qkv_proj(model.layers[-1].input_layernorm(x))
+            k = qkv[..., attention.q_size:attention.q_size + attention.kv_size].view(1, len(prompt), -1, c.head_dim)
+            k = M.apply_rope(k.transpose(1, 2), cos[:len(prompt)], sin[:len(prompt)])[0]
+            assert torch.allclose(cache[0][-1, i, :, :len(prompt)], k, atol=1e-5)
+            assert not cache[0][:, i, :, len(prompt):].any()  # nothing written past the prompt
 
 
 def test_sampled_logprobs_are_under_tempered_softmax(checkpoints):
@@ -203,12 +229,11 @@ class ScriptedModel(M.Transformer):
         self.script = torch.tensor(script_ids + [0, 0])
         self.lm_head.weight.data = 20 * torch.eye(VOCAB)
 
-    def step(self, input_ids, cache, positions=None, key_length=None):
-        if positions is None:  # prefill from 0
-            positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-        else:
-            positions = positions[:, None]
-        return torch.nn.functional.one_hot(self.script[positions + 1], VOCAB).float()
+    def prefill(self, prompts, cache):
+        return torch.nn.functional.one_hot(self.script[[len(p) for p in prompts]], VOCAB).float()
+
+    def step(self, input_ids, cache, positions, key_length):
+        return torch.nn.functional.one_hot(self.script[positions[:, None] + 1], VOCAB).float()
 
 
 PROMPT = "Q: 6*7?\n"
