@@ -7,7 +7,7 @@ Read top to bottom:
      variants of Llama 3 and Qwen2.5), grouped-query attention with optional q/k/v bias, a SwiGLU MLP, tied or untied head;
   3. loading an HF checkpoint dir and saving one back (transformers reloads it with identical logits), and the "tiny"
      preset with its character-level tokenizer;
-  4. generate(): a batched sampler with a preallocated KV cache, per-row seeds, stop strings and tool calls;
+  4. generate(): a batched sampler with a packed prefill, a KV cache, per-row seeds, stop strings and tool calls;
   5. fused_logprobs(): log-probs of chosen tokens, forward and backward, without ever holding N x V logits.
 
 The model stores the q/k/v projections as one matrix and gate/up as another ("fused at load time"): one matmul instead
