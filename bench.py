@@ -14,7 +14,7 @@ needs), the greedy tokens of both checked identical. Both run alternately in one
 ratio of medians is what to quote: on a shared machine absolute numbers swing, ratios much less. On CPU the last column
 is a ceiling: HF's time over the time our run spends in matrix products and the attention kernel, which both samplers
 must run; no sampler made of these kernels could beat HF by more on this machine. `--threads` matters (torch's
-default is one per core): with 2 threads the kernels halve while per-op overhead does not, so the ratio rises.
+default is one per core): a second thread speeds up the kernels but not the per-op overhead, so the ratio rises.
 
 Fused: extra peak memory = peak during forward+backward above what was held before, minus the weight's own gradient
 (V x D, both need it). On CPU peak RSS is reset through /proc/self/clear_refs and read back as VmHWM.
@@ -39,7 +39,7 @@ import model as M
 # ---- sampler defaults (override with --name=value)
 SIZES = "tiny,25m,25m-k4,tiny-b4"  # which rows of the table to run (tiny, 25m, 25m-k4, tiny-b4, qwen0.5b)
 DEVICE = "cpu"
-THREADS = 1               # torch CPU threads (1: on a shared 2-core machine a second thread mostly waits)
+THREADS = 1               # torch CPU threads (1: the steadiest timings on a shared 2-core machine)
 REPEATS = 3               # alternating runs of each implementation
 HBM_GBPS = 0.0            # GPU memory bandwidth for the bound; 0 = guess from the device name
 SEED = 0
