@@ -11,8 +11,8 @@ bench.py — the two speed/memory claims of model.py, each measured against its 
 
 Sampler: greedy, fixed length (EOS ignored), the same batch of prompts of different lengths (left-padded for HF, as it
 needs), the greedy tokens of both checked identical. Both run alternately in one process, `repeats` times each, and the
-ratio of medians is what to quote: on a shared machine absolute numbers swing, ratios much less. On CPU the last column
-is a ceiling: HF's time over the time our run spends in matrix products and the attention kernel, which both samplers
+ratio of medians is what to quote: on a shared machine absolute numbers swing, ratios much less. On CPU, "kernel
+ceiling" is HF's time over the time our run spends in matrix products and the attention kernel, which both samplers
 must run; no sampler made of these kernels could beat HF by more on this machine. `--threads` matters (torch's
 default is one per core): a second thread speeds up the kernels but not the per-op overhead, so the ratio rises.
 

@@ -334,15 +334,7 @@ def read_queries(path):
     field (family, level, type, ...) is kept; a missing id becomes the line number."""
     from evaluate import extract_answer  # lazy: evaluate.py may import this module
     queries = []
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    for line_number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object")
+    for line_number, record in iter_jsonl(path):
         problem = record.get("problem", record.get("question"))
         if not isinstance(problem, str) or not problem.strip():
             raise ValueError(f"{path}:{line_number}: no 'problem' or 'question' text")

@@ -43,7 +43,7 @@ TEMPERATURE=${TEMPERATURE:-0.5} # exploration temperature; the M-step evaluates 
                                 # makes CoT look worse than it is: on add_sub the warm start's greedy CoT is right
                                 # 94% of the time, its sampled CoT 78% at T=0.7 and 84% at T=0.5, so at higher T
                                 # code wins more of the ties it should lose
-WARMSTART_ARGS=${WARMSTART_ARGS:-}      # extra flags for each stage, e.g. EXPLORE_ARGS="--temperature=0.8"
+WARMSTART_ARGS=${WARMSTART_ARGS:-}      # extra flags for each stage, e.g. EXPLORE_ARGS="--tool_timeout=10"
 EXPLORE_ARGS=${EXPLORE_ARGS:-}
 SYNTHESIZE_ARGS=${SYNTHESIZE_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}

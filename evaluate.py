@@ -1249,24 +1249,19 @@ def code_open_probability(net, prompts, open_ids):
     import torch
     if not prompts:
         return []
-    with torch.inference_mode():
-        return _code_open_probability(net, prompts, open_ids)
-
-
-def _code_open_probability(net, prompts, open_ids):
-    import torch
     rows = [list(p) + list(open_ids) for p in prompts]
     width = max(len(r) for r in rows)
     device = net.lm_head.weight.device
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
-    hidden = net(ids, return_hidden=True)                                     # [B, T, D]
-    positions = torch.tensor([[len(p) - 1 + j for j in range(len(open_ids))] for p in prompts], device=device)
-    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, L, D]
-    logprobs = torch.log_softmax((picked @ net.lm_head.weight.T).float(), dim=-1)   # [B, L, V]
-    targets = torch.tensor(open_ids, device=device).expand(len(prompts), -1)
-    return logprobs.gather(-1, targets[..., None]).squeeze(-1).sum(-1).exp().tolist()
+    with torch.inference_mode():
+        hidden = net(ids, return_hidden=True)                                     # [B, T, D]
+        positions = torch.tensor([[len(p) - 1 + j for j in range(len(open_ids))] for p in prompts], device=device)
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, L, D]
+        logprobs = torch.log_softmax((picked @ net.lm_head.weight.T).float(), dim=-1)   # [B, L, V]
+        targets = torch.tensor(open_ids, device=device).expand(len(prompts), -1)
+        return logprobs.gather(-1, targets[..., None]).squeeze(-1).sum(-1).exp().tolist()
 
 
 def _mean(values):

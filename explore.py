@@ -39,7 +39,7 @@ from tqdm import tqdm
 import data
 import model as model_lib
 import sandbox
-from evaluate import code_open_probability, grade
+from evaluate import CODE_OPEN, code_open_probability, grade
 
 # ----------------------------------------------------------------------------- hyperparameters
 k = 4                      # rollouts per query per mode (paper: 5 in v1, 8 in v3)
@@ -61,7 +61,6 @@ dtype = "fp32"             # fp32 | bf16 | fp16
 device = "auto"            # auto: cuda when available, else cpu
 threads = 0                # torch threads (0: torch's default)
 
-CODE_OPENING = "```python"  # how a code solution begins (data.teacher_solution's "code" style)
 COPIED_FIELDS = ("family", "difficulty", "level", "type")
 
 
@@ -276,7 +275,7 @@ def main(argv=None):
         rows = pending_rows(queries, args.modes, args.k, out.done_ids)
         print(f"{len(queries)} queries × {len(args.modes)} modes × K={args.k}: {len(rows)} rollouts to draw"
               + (f" ({len(out.done_ids)} already in {partial})" if out.done_ids else ""))
-        opening_ids = tokenizer.encode(CODE_OPENING, add_special_tokens=False)
+        opening_ids = tokenizer.encode(CODE_OPEN, add_special_tokens=False)
         with tqdm(total=len(rows), desc="explore", unit="rollout") as bar:
             for batch in chunks(rows, args.batch_size):
                 if args.p_code_open:

@@ -161,9 +161,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
 
     def forward(self, x, cos, sin, cache=None, decode=None, packing=None):
-        """x [B,T,D]. Without a cache: causal self-attention over x (training, scoring). With decode = (write index,
-        key length, additive mask) and this layer's cache (k, v, each [slots, K, L, hd]): one step, each row writing its
-        key/value at its own position and attending to its own prefix of the cache. With packing = (scatter index,
+        """x [B,T,D]. Without decode or packing: causal self-attention over x (training, scoring). With decode = (write
+        index, additive mask) and this layer's cache (k, v, each [slots, K, capacity, hd]): one step, each row writing
+        its key/value at its own position and attending to its own prefix of the cache. With packing = (scatter index,
         prompts, longest): a prefill, x [1,N,D] holding N tokens of several prompts back to back (see Transformer.prefill);
         the keys and values are written to the first `prompts` slots of the cache."""
         B, T, _ = x.shape
@@ -190,15 +190,16 @@ class Attention(nn.Module):
         if decode is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
         else:
-            write_index, L, mask = decode
+            write_index, mask = decode
             k_cache, v_cache = cache
-            # the cache seen as rows of head_dim numbers: row ((slot·K + head)·L_max + position), one write per head
+            # the cache seen as rows of head_dim numbers: row ((slot·K + head)·capacity + position), one write per head
             k_cache.view(-1, self.head_dim).index_copy_(0, write_index, k.reshape(-1, self.head_dim))
             v_cache.view(-1, self.head_dim).index_copy_(0, write_index, v.reshape(-1, self.head_dim))
             # one query per row: fold each group of H/K query heads into the "query length" axis of its key/value head,
-            # so SDPA reads every cached key once and nothing is repeated (same math as repeat_kv).
+            # so SDPA reads every cached key once and nothing is repeated (same math as repeat_kv). The keys are the whole
+            # capacity, a contiguous block (see generate); the mask hides the positions past each row's own.
             q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k_cache[:B], v_cache[:B], attn_mask=mask)
         return self.o_proj(y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, self.q_size))
 
 
@@ -273,7 +274,7 @@ class Transformer(nn.Module):
     def prefill(self, prompts, cache):
         """The first forward of generate(): the token lists in `prompts` packed back to back into one sequence, no
         padding, so the matmuls (nearly all of a forward's work) see only real tokens. Writes each prompt's keys and
-        values into its slot of cache = (k, v), each [layers, slots, K, L_max, hd], from position 0; returns the final
+        values into its slot of cache = (k, v), each [layers, slots, K, capacity, hd], from position 0; returns the final
         hidden state at each prompt's last token [P, D]."""
         lengths = torch.tensor([len(p) for p in prompts])
         longest = int(lengths.max())
@@ -291,23 +292,23 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, (cache[0][i], cache[1][i]), packing=(scatter_index, len(prompts), longest))
         return self.norm(x[0, last])
 
-    def step(self, input_ids, cache, positions, key_length):
+    def step(self, input_ids, cache, positions):
         """One decode step of generate(): input_ids [n,1] at positions [n] for the first n slots of cache = (k, v), each
-        [layers, slots, K, L_max, hd], attending to the first key_length cache positions (up to each row's own
-        position). Returns the final hidden states [n,1,D]."""
+        [layers, slots, K, capacity, hd], each row attending to the cache up to its own position. Returns the final
+        hidden states [n,1,D]."""
         x = self.embed_tokens(input_ids)
         n = input_ids.shape[0]
-        _, slots, kv_heads, max_length, _ = cache[0].shape
-        cos, sin = self.rope_tables(max_length, x.dtype)
+        _, slots, kv_heads, capacity, _ = cache[0].shape
+        cos, sin = self.rope_tables(capacity, x.dtype)
         cos, sin = cos[positions][:, None, None], sin[positions][:, None, None]
         heads = torch.arange(kv_heads, device=x.device)
         slot = torch.arange(n, device=x.device)
-        write_index = ((slot[:, None] * kv_heads + heads) * max_length + positions[:, None]).reshape(-1)
+        write_index = ((slot[:, None] * kv_heads + heads) * capacity + positions[:, None]).reshape(-1)
         # additive mask, 0 where key position <= the row's own position, -inf after (built once, shared by layers)
-        keys = torch.arange(key_length, device=x.device)
-        mask = torch.zeros(n, 1, 1, key_length, dtype=x.dtype, device=x.device)
+        keys = torch.arange(capacity, device=x.device)
+        mask = torch.zeros(n, 1, 1, capacity, dtype=x.dtype, device=x.device)
         mask.masked_fill_(keys > positions[:, None, None, None], float("-inf"))
-        decode = (write_index, key_length, mask)
+        decode = (write_index, mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, (cache[0][i], cache[1][i]), decode)
         return self.norm(x)
@@ -691,7 +692,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     # and SDPA copies strided keys and values on every call (on CPU that copy cost more than the attention). So the
     # capacity grows in blocks of CACHE_BLOCK positions, one copy per block rather than a concatenation per step, up
     # to the longest sequence any row can reach.
-    longest = min(context, max(len(p) for p in prompts) + max_new_tokens)
+    longest_prompt = max(len(p) for p in prompts)
+    longest = min(context, longest_prompt + max_new_tokens)
     dtype = model.embed_tokens.weight.dtype
 
     def cache_with_capacity(capacity, old=None, slots=B, copy_of=None):
@@ -828,10 +830,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         # one batch, so most prompts come K times); the rows sharing a prompt then copy its keys and values. Each
         # row's first token comes from the hidden state at its prompt's last token.
         distinct = {}
-        for prompt in prompts:
-            distinct.setdefault(tuple(prompt), len(distinct))
-        copy_of = torch.tensor([distinct[tuple(p)] for p in prompts], device=device)
-        longest_prompt = max(len(p) for p in prompts)
+        copy_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
         prefilled = cache_with_capacity(longest_prompt, slots=len(distinct))
         last = model.prefill(list(distinct), prefilled)[copy_of]  # slots are still in row order here
         cache = cache_with_capacity(min(longest, longest_prompt + CACHE_BLOCK), prefilled, copy_of=copy_of)
@@ -854,7 +853,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             needed = int(lengths[:n].max())
             if needed > cache[0].shape[3]:
                 cache = cache_with_capacity(min(longest, needed + CACHE_BLOCK - 1), cache)
-            hidden = model.step(next_input[:n, None], cache, lengths[:n] - 1, cache[0].shape[3])
+            hidden = model.step(next_input[:n, None], cache, lengths[:n] - 1)
             handle(n, model.lm_head(hidden[:, 0]))
     finally:
         if pool is not None:

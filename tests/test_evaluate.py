@@ -253,17 +253,6 @@ def test_summarize_by_hand():
 # -----------------------------------------------------------------------------
 # The stage end to end on a tiny random checkpoint.
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two threads spin-wait for each other (about
-    100x slower decoding of this tiny model when the machine is busy)."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     model = pytest.importorskip("model")
@@ -273,7 +262,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def test_code_open_probability_matches_naive(tiny_checkpoint, one_thread):
+def test_code_open_probability_matches_naive(tiny_checkpoint):
     import torch
     import data
     import model
@@ -288,7 +277,7 @@ def test_code_open_probability_matches_naive(tiny_checkpoint, one_thread):
             assert p == pytest.approx(float(torch.tensor(naive).exp()), rel=1e-4)
 
 
-def test_stage_end_to_end(tiny_checkpoint, one_thread, tmp_path, monkeypatch):
+def test_stage_end_to_end(tiny_checkpoint, tmp_path, monkeypatch):
     import data
     import model
     try:

@@ -107,20 +107,6 @@ def test_row_seeds_depend_only_on_seed_query_mode_and_k():
                 explore.row_seed(0, "q1", "cot", 3), explore.row_seed(0, "q1", "code", 2)}) == 5
 
 
-def test_code_open_probability_against_a_naive_product():
-    net, tokenizer = model_lib.load("tiny", seed=1)
-    prompts = [data.encode_prompt(tokenizer, p, "auto") for p in ("What is 2 + 3?", "A tree had 72 apples.")]
-    opening = tokenizer.encode(explore.CODE_OPENING, add_special_tokens=False)
-    fast = explore.code_open_probability(net, prompts, opening)
-    for prompt, p in zip(prompts, fast):
-        naive = 1.0
-        with torch.no_grad():
-            for t, token in enumerate(opening):
-                logits = net(torch.tensor([prompt + opening[:t]]))[0, -1]
-                naive *= torch.softmax(logits, -1)[token].item()
-        assert p == pytest.approx(naive, rel=1e-4)
-
-
 def test_summary_per_mode_by_hand():
     def r(query, mode, correct, statuses):
         return {"query_id": query, "mode": mode, "correct": correct, "calls": len(statuses), "statuses": statuses,

@@ -232,7 +232,7 @@ class ScriptedModel(M.Transformer):
     def prefill(self, prompts, cache):
         return torch.nn.functional.one_hot(self.script[[len(p) for p in prompts]], VOCAB).float()
 
-    def step(self, input_ids, cache, positions, key_length):
+    def step(self, input_ids, cache, positions):
         return torch.nn.functional.one_hot(self.script[positions[:, None] + 1], VOCAB).float()
 
 

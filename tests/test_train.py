@@ -11,15 +11,6 @@ from data import encode_prompt, make_problems, teacher_solution, tokenize_respon
 from model import generate, load, tool_injection
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, two busy-waiting OpenMP threads per process made these tests ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_m_step_loss_by_hand():
     # (π_θ, π_b, A, sft) per token; ε = 0.2, λ = 0.5
     tokens = [(0.5, 0.25, 1.0, False),     # r = 2,   A > 0: clipped at 1.2, no gradient (moved far enough)
