@@ -22,7 +22,6 @@ Fused: extra peak memory = peak during forward+backward above what was held befo
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # steadier multi-thread timings on a shared CPU (DESIGN.md §7)
-import argparse
 import gc
 import json
 import re
@@ -34,15 +33,17 @@ import time
 import torch
 import transformers
 
+import flags
 import model as M
 
-# ---- sampler defaults (override with --name=value)
-SIZES = "tiny,25m,25m-k4,tiny-b4"  # which rows of the table to run (tiny, 25m, 25m-k4, tiny-b4, qwen0.5b)
-DEVICE = "cpu"
-THREADS = 1               # torch CPU threads (1: the steadiest timings on a shared 2-core machine)
-REPEATS = 3               # alternating runs of each implementation
-HBM_GBPS = 0.0            # GPU memory bandwidth for the bound; 0 = guess from the device name
-SEED = 0
+# ----------------------------------------------------------------------------- sampler hyperparameters
+sampler_sizes = "tiny,25m,25m-k4,tiny-b4"  # which rows of the table to run (tiny, 25m, 25m-k4, tiny-b4, qwen0.5b)
+sampler_device = "cpu"    # cpu | cuda (bf16 there)
+sampler_threads = 1       # torch CPU threads (1: the steadiest timings on a shared 2-core machine)
+sampler_repeats = 3       # alternating runs of each implementation
+sampler_hbm_gbps = 0.0    # GPU memory bandwidth for the bound; 0 = guess from the device name
+# ----------------------------------------------------------------------------- end of sampler hyperparameters
+SEED = 0                  # the random weights and prompts of every preset
 
 LLAMA_25M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=4,
                  intermediate_size=1536, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=0)
@@ -135,11 +136,8 @@ def bandwidth_bound(model, prompts, new_tokens, dtype, gbps):
 
 
 def sampler_main(argv):
-    parser = argparse.ArgumentParser(prog="bench.py sampler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in [("sizes", SIZES), ("device", DEVICE), ("threads", THREADS), ("repeats", REPEATS),
-                       ("hbm_gbps", HBM_GBPS)]:
-        parser.add_argument(f"--{key}", type=type(value), default=value)
-    args = parser.parse_args(argv)
+    args = flags.parse(__file__, globals(), argv, block="sampler hyperparameters", prefix="sampler_",
+                       prog="bench.py sampler")
     print(json.dumps(vars(args)))
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -188,14 +186,17 @@ def sampler_main(argv):
 # ----------------------------------------------------------------------------------------------------------------------
 # The fused log-prob kernel vs the naive computation.
 
-# benchmark defaults (Qwen2.5-0.5B's vocabulary and width); override e.g. --rows=2048,8192
-FUSED_VOCAB = 151_936
-FUSED_WIDTH = 896
-FUSED_ROWS = "2048,8192"
-FUSED_REPEATS = 3  # naive and fused alternate this many times per row count (times are medians)
-FUSED_THREADS = 2
-FUSED_DEVICE = "cpu"  # "cuda" runs the same comparison with bf16 inputs and torch.cuda.max_memory_allocated
-FUSED_DTYPE = "float32"  # cuda: bfloat16 is the interesting case
+# ----------------------------------------------------------------------------- fused hyperparameters
+fused_vocab = 151_936           # V (Qwen2.5-0.5B's vocabulary)
+fused_width = 896               # D (Qwen2.5-0.5B's hidden size)
+fused_rows = "2048,8192"        # comma-separated row counts N
+fused_chunk_size = M.CHUNK_SIZE  # rows per chunk of the kernel
+fused_vocab_tile = 0            # vocabulary rows per tile; 0 = the kernel's own choice
+fused_repeats = 3               # naive and fused alternate this many times per row count (times are medians)
+fused_threads = 2               # torch CPU threads
+fused_device = "cpu"            # "cuda" runs the same comparison with torch.cuda.max_memory_allocated
+fused_dtype = "float32"         # float32 | bfloat16 (on cuda, the interesting case)
+# ----------------------------------------------------------------------------- end of fused hyperparameters
 
 
 def naive_logprobs(hidden, weight, targets, temperature=1.0):
@@ -261,7 +262,7 @@ def fused_bench(args):
     header = f"{'N':>6} | {'naive s':>8} {'fused s':>8} {'time ratio':>10} | {'naive extra GB':>14} {'fused extra GB':>14} {'mem ratio':>9} | {'max |dlogp|':>11} {'max |dW|':>9} {'max |dh|':>9}"
     print(header)
     print("-" * len(header))
-    fused = lambda h, w, t: M.fused_logprobs(h, w, t, chunk_size=args.chunk_size, vocab_tile=args.vocab_tile)
+    fused = lambda h, w, t: M.fused_logprobs(h, w, t, chunk_size=args.chunk_size, vocab_tile=args.vocab_tile or None)
     for num_rows in [int(n) for n in args.rows.split(",")]:
         generator = torch.Generator().manual_seed(0)
         hidden = torch.randn(num_rows, args.width, generator=generator).to(device, dtype).requires_grad_()
@@ -302,18 +303,8 @@ def fused_bench(args):
 
 
 def fused_main(argv):
-    parser = argparse.ArgumentParser(prog="bench.py fused", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=FUSED_VOCAB)
-    parser.add_argument("--width", type=int, default=FUSED_WIDTH)
-    parser.add_argument("--rows", default=FUSED_ROWS, help="comma-separated row counts N")
-    parser.add_argument("--chunk_size", type=int, default=M.CHUNK_SIZE)
-    parser.add_argument("--vocab_tile", type=int, default=None, help="default: the kernel's own choice")
-    parser.add_argument("--repeats", type=int, default=FUSED_REPEATS)
-    parser.add_argument("--threads", type=int, default=FUSED_THREADS)
-    parser.add_argument("--device", default=FUSED_DEVICE)
-    parser.add_argument("--dtype", default=FUSED_DTYPE)
-    args = parser.parse_args(argv)
+    args = flags.parse(__file__, globals(), argv, block="fused hyperparameters", prefix="fused_",
+                       prog="bench.py fused")
     fused_bench(args)
 
 

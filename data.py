@@ -14,20 +14,20 @@ every difficulty, so forced code is right everywhere. See DESIGN.md section 5.
     python data.py --show                                        # one example per family and style
 """
 
-import argparse
 import hashlib
 import json
 import os
 import random
 
-# -----------------------------------------------------------------------------
-# defaults of the command line (python data.py --name=value)
+import flags
+
+# ----------------------------------------------------------------------------- hyperparameters
 split = "train"   # "train" or "test": the two splits never share a set of operands
 n = 2000          # number of queries to write
 seed = 0          # generator seed; the same (n, split, seed) always gives the same problems
 out = ""          # output JSONL (queries: id, problem, answer, family, difficulty); empty = print
 show = False      # print one problem of each family with both teacher solutions, then exit
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- end of hyperparameters
 
 # The families, easy first. The mix (3:2:1:1) gives the digit-level CoT of the easy families the
 # most practice, since that is what a tiny model learns last; the hard families only need enough
@@ -332,7 +332,7 @@ def read_queries(path):
     """Queries in the common formats: the text from `problem` or `question`; the gold from
     `answer`, a `solution` holding \\boxed{...}, or a GSM8K answer ending in "#### N". Every other
     field (family, level, type, ...) is kept; a missing id becomes the line number."""
-    from evaluate import extract_answer  # lazy: evaluate.py may import this module
+    from grade import extract_answer  # lazy: only reading a query file needs the grader
     queries = []
     for line_number, record in iter_jsonl(path):
         problem = record.get("problem", record.get("question"))
@@ -421,14 +421,8 @@ def write_json_atomic(path, obj):
 
 # -----------------------------------------------------------------------------
 
-def main():
-    parser = argparse.ArgumentParser(description="Write queries of the embedded arithmetic task.")
-    parser.add_argument("--split", default=split, choices=("train", "test"))
-    parser.add_argument("--n", type=int, default=n)
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--out", default=out)
-    parser.add_argument("--show", action="store_true", default=show)
-    args = parser.parse_args()
+def main(argv=None):
+    args = flags.parse(__file__, globals(), argv, choices={"split": ("train", "test")})
     print(json.dumps(vars(args)))
 
     if args.show:

@@ -21,7 +21,6 @@ mode, k), and a row's tokens depend only on its prompt and its seed, so a rerun 
 rollouts the killed run would have. Complete, the file is renamed to OUT; the hyperparameters are in
 OUT.config.json and the per-mode summary in OUT.summary.json.
 """
-import argparse
 import functools
 import hashlib
 import json
@@ -37,11 +36,16 @@ import torch
 from tqdm import tqdm
 
 import data
+import flags
 import model as model_lib
 import sandbox
-from evaluate import CODE_OPEN, code_open_probability, grade
+from evaluate import CODE_OPEN, code_open_probability
+from grade import grade
 
 # ----------------------------------------------------------------------------- hyperparameters
+model = ""                 # HF checkpoint dir (or 'tiny' for a random preset); required
+queries = ""               # JSONL queries (problem/question + answer/solution); required
+out = ""                   # rollouts JSONL; required
 k = 4                      # rollouts per query per mode (paper: 5 in v1, 8 in v3)
 modes = "code,cot,auto"    # guided to code, guided to CoT, native (autonomous)
 temperature = 1.0          # sampling temperature; the behaviour log-probs are taken under softmax(logits / T)
@@ -60,6 +64,7 @@ p_code_open = 1            # also record the model's probability of opening a ``
 dtype = "fp32"             # fp32 | bf16 | fp16
 device = "auto"            # auto: cuda when available, else cpu
 threads = 0                # torch threads (0: torch's default)
+# ----------------------------------------------------------------------------- end of hyperparameters
 
 COPIED_FIELDS = ("family", "difficulty", "level", "type")
 
@@ -207,36 +212,14 @@ def check_resumable(out, config):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF checkpoint dir (or 'tiny' for a random preset)")
-    parser.add_argument("--queries", required=True, help="JSONL queries (problem/question + answer/solution)")
-    parser.add_argument("--out", required=True, help="rollouts JSONL")
-    parser.add_argument("--k", type=int, default=k)
-    parser.add_argument("--modes", default=modes)
-    parser.add_argument("--temperature", type=float, default=temperature)
-    parser.add_argument("--top_p", type=float, default=top_p)
-    parser.add_argument("--top_k", type=int, default=top_k)
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--max_calls", type=int, default=max_calls)
-    parser.add_argument("--batch_size", type=int, default=batch_size)
-    parser.add_argument("--seed", type=int, default=seed)
-    parser.add_argument("--n", type=int, default=n)
-    parser.add_argument("--tool_timeout", type=float, default=tool_timeout)
-    parser.add_argument("--tool_memory_mb", type=int, default=tool_memory_mb)
-    parser.add_argument("--tool_workers", type=int, default=tool_workers)
-    parser.add_argument("--tool_cache", type=int, default=tool_cache)
-    parser.add_argument("--p_code_open", type=int, default=p_code_open)
-    parser.add_argument("--dtype", default=dtype, choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--device", default=device)
-    parser.add_argument("--threads", type=int, default=threads)
-    args = parser.parse_args(argv)
+    args = flags.parse(__file__, globals(), argv, required=("model", "queries", "out"),
+                       choices={"dtype": ("fp32", "bf16", "fp16")})
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
         if mode not in data.MODES:
-            parser.error(f"--modes: {mode!r} is not one of {', '.join(data.MODES)}")
+            sys.exit(f"explore.py: --modes: {mode!r} is not one of {', '.join(data.MODES)}")
     if args.temperature <= 0:
-        parser.error("--temperature must be > 0: exploration samples (greedy rollouts would all be the same)")
+        sys.exit("explore.py: --temperature must be > 0: exploration samples (greedy rollouts would all be the same)")
     return args
 
 

@@ -7,7 +7,8 @@ Read top to bottom:
      variants of Llama 3 and Qwen2.5), grouped-query attention with optional q/k/v bias, a SwiGLU MLP, tied or untied head;
   3. loading an HF checkpoint dir and saving one back (transformers reloads it with identical logits), and the "tiny"
      preset with its character-level tokenizer;
-  4. generate(): a batched sampler with a packed prefill, a KV cache, per-row seeds, stop strings and tool calls;
+  4. generate(): a batched sampler with a packed prefill, a KV cache, per-row seeds, stop strings and tool calls, after
+     generate_reference(), the same sampling in a few lines without cache, batch or tools (its specification);
   5. fused_logprobs(): log-probs of chosen tokens, forward and backward, without ever holding N x V logits.
 
 The model stores the q/k/v projections as one matrix and gate/up as another ("fused at load time"): one matmul instead
@@ -71,6 +72,10 @@ class Config:
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        # grouped-query attention: each key/value head serves the same number of query heads
+        assert self.num_attention_heads % self.num_key_value_heads == 0, (
+            f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={self.num_key_value_heads}")
 
 
 class RMSNorm(nn.Module):
@@ -168,9 +173,9 @@ class Attention(nn.Module):
         the keys and values are written to the first `prompts` slots of the cache."""
         B, T, _ = x.shape
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # RoPE on the query and key heads in one go: they share the rotation of each position
+        # RoPE on the query and key heads in one go, (B, H+K, T, hd): they share the rotation of each position
         qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         if packing is not None:
             # The projections above ran on real tokens only; attention needs each prompt on its own, so q, k and v are
             # scattered into a right-padded [prompts, heads, longest, hd] layout (cheap copies), attended causally (the
@@ -178,13 +183,13 @@ class Attention(nn.Module):
             index, prompts, longest = packing
             heads = self.n_head + 2 * self.n_kv_head
             padded = x.new_zeros(prompts * longest, heads, self.head_dim)
-            padded[index] = torch.cat((qk, v), dim=1)[0].transpose(0, 1)
+            padded[index] = torch.cat((qk, v), dim=1)[0].transpose(0, 1)  # the N real tokens, (N, H+2K, hd)
             q, k, v = padded.view(prompts, longest, heads, self.head_dim).transpose(1, 2).split(
-                [self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+                [self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (prompts, H or K, longest, hd)
             cache[0][:prompts, :, :longest] = k
             cache[1][:prompts, :, :longest] = v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
-            y = y.transpose(1, 2).reshape(prompts * longest, self.q_size)[index]
+            y = y.transpose(1, 2).reshape(prompts * longest, self.q_size)[index]  # (N, H·hd), real tokens only
             return self.o_proj(y[None])
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if decode is None:
@@ -197,9 +202,10 @@ class Attention(nn.Module):
             v_cache.view(-1, self.head_dim).index_copy_(0, write_index, v.reshape(-1, self.head_dim))
             # one query per row: fold each group of H/K query heads into the "query length" axis of its key/value head,
             # so SDPA reads every cached key once and nothing is repeated (same math as repeat_kv). The keys are the whole
-            # capacity, a contiguous block (see generate); the mask hides the positions past each row's own.
-            q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k_cache[:B], v_cache[:B], attn_mask=mask)
+            # capacity, a contiguous block (see CACHE_BLOCK); the mask hides the positions past each row's own.
+            q = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)  # (B, K, H/K, hd)
+            y = F.scaled_dot_product_attention(q, k_cache[:B], v_cache[:B], attn_mask=mask)  # (B, K, H/K, hd)
+        # (B, H, T, hd) -> (B, T, H·hd)
         return self.o_proj(y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, self.q_size))
 
 
@@ -610,7 +616,93 @@ def choose_tokens(logits, temperature, top_k, top_p, seeds, positions):
     return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
 
 
-CACHE_BLOCK = 32  # positions the sampler's KV cache grows by (see generate)
+@torch.inference_mode()
+def generate_reference(model, prompts, max_new_tokens, temperature=1.0, seeds=None, eos=(), top_k=0, top_p=1.0):
+    """What generate() computes, without its machinery: one row at a time, a full forward over the whole sequence for
+    every new token, no cache, no tools. seeds: one per prompt (None: 0 for all, enough when greedy); eos: token ids.
+    Returns (prompt + new tokens, log-probs of the new tokens) per prompt. generate() with the same seeds draws the same
+    tokens (the noise depends only on seed and position) and the same log-probs up to float rounding (a cached step
+    adds up the attention in another order than a full forward)."""
+    device = model.embed_tokens.weight.device
+    results = []
+    for i, prompt in enumerate(prompts):
+        ids, logprobs = list(prompt), []
+        seed = torch.tensor([(seeds[i] if seeds is not None else 0) & 0xFFFFFFFF], device=device)
+        while len(ids) - len(prompt) < max_new_tokens and len(ids) < model.config.max_position_embeddings:
+            logits = model(torch.tensor([ids], device=device))[0, -1:].float()
+            position = torch.tensor([len(ids)], device=device)
+            token, logprob = choose_tokens(logits, temperature, top_k, top_p, seed, position)
+            ids.append(int(token))
+            logprobs.append(float(logprob))
+            if ids[-1] in eos:
+                break
+        results.append((ids, logprobs))
+    return results
+
+
+# A decode step attends over the cache's whole capacity (the positions past a row's own are masked), because that
+# block is contiguous: a shorter slice of a longer buffer is strided, and SDPA copies strided keys and values on every
+# call (on CPU that copy cost more than the attention). So the capacity grows in blocks of CACHE_BLOCK positions, one
+# copy per block rather than a concatenation per step, up to the longest sequence any row can reach.
+CACHE_BLOCK = 32
+# Stop strings and the tool trigger are tested on a row's last tokens, decoded. Tokens can decode to fewer characters
+# than their count (a character split over several byte-level tokens decodes to one), so a few more tokens are decoded
+# than the longest string tested has characters.
+TAIL_EXTRA_TOKENS = 8
+
+
+class KVCache:
+    """The keys and values of the sampler's sequences: k and v, each [layers, slots, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, config: Config, slots, capacity, dtype, device):
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self):
+        return self.k.shape[3]
+
+    def make_room(self, needed, longest):
+        """Grow, by CACHE_BLOCK positions at a time, to hold sequences of `needed` tokens (never beyond `longest`)."""
+        if needed > self.capacity:
+            self.grow(min(longest, needed + CACHE_BLOCK - 1))
+
+    def grow(self, capacity, copy_of=None):
+        """Move to a zeroed cache of `capacity` positions holding what this one holds; with copy_of (a tensor of slot
+        indices), new slot i holds old slot copy_of[i], which is how rows sharing a prompt get its prefilled keys."""
+        layers, slots, kv_heads, old_capacity, head_dim = self.k.shape
+        slots = slots if copy_of is None else len(copy_of)
+        old = (self.k, self.v)
+        shape = (layers, slots, kv_heads, capacity, head_dim)
+        new = tuple(torch.zeros(shape, dtype=t.dtype, device=t.device) for t in old)
+        for new_tensor, old_tensor in zip(new, old):
+            for layer in range(layers):  # one layer at a time: a gather's copy stays small
+                rows = old_tensor[layer] if copy_of is None else old_tensor[layer, copy_of]
+                new_tensor[layer, :, :, :old_capacity] = rows
+        self.k, self.v = new
+
+    def swap(self, a, b):
+        """Exchange slots a[i] and b[i] (index tensors) in every layer."""
+        both, other = torch.cat([a, b]), torch.cat([b, a])
+        for tensor in (self.k, self.v):
+            tensor[:, both] = tensor[:, other]
+
+
+@dataclass
+class _Rules:
+    """What ends a row or pauses it on a tool call: generate()'s arguments, the same for every row."""
+    eos: set
+    max_new_tokens: int
+    context: int            # the model's: prompt + response never exceed it
+    tokenizer: object
+    stop_strings: list
+    has_tool: bool          # whether TOOL_TRIGGER calls a tool
+    max_calls: int
+
+    def __post_init__(self):
+        # the characters a row's tail must hold to end with any stop string, or with the trigger and a newline
+        self.tail_chars = max([len(s) for s in self.stop_strings] + [len(TOOL_TRIGGER) + 1 if self.has_tool else 0])
 
 
 @dataclass
@@ -628,6 +720,146 @@ class _Row:
     finish_reason: str | None = None
     waiting: bool = False        # paused on a tool call
 
+    @property
+    def decoding(self):
+        return self.finish_reason is None and not self.waiting
+
+    def add_token(self, token, sampled, logprob, rules: _Rules):
+        """Append one token (sampled, or injected with log-prob 0) and decide what the row does next: go on, finish
+        ("eos", "length", "stop", "max_calls"), queue MAX_CALLS_NOTICE as the output of a call beyond max_calls, or
+        wait for the tool. Returns True when the row now waits: the caller submits its call."""
+        self.tokens.append(token)
+        self.sampled_mask.append(int(sampled))
+        self.logprobs.append(logprob if sampled else 0.0)
+        if sampled and token in rules.eos:
+            self.finish_reason = "eos"
+        elif len(self.tokens) >= rules.max_new_tokens or self.prompt_length + len(self.tokens) >= rules.context:
+            self.finish_reason = "length"
+        elif sampled and rules.tail_chars:  # injected text never stops a row nor calls the tool
+            tail = rules.tokenizer.decode(self.tokens[-(rules.tail_chars + TAIL_EXTRA_TOKENS):])
+            if any(tail.endswith(s) for s in rules.stop_strings):
+                self.finish_reason = "stop"
+            elif rules.has_tool and (tail.endswith(TOOL_TRIGGER) or tail.endswith(TOOL_TRIGGER + "\n")):
+                if self.calls < rules.max_calls:
+                    self.waiting = True
+                elif not self.noticed:
+                    self.noticed = True
+                    self.inject(MAX_CALLS_NOTICE, tail.endswith("\n"), rules.tokenizer)
+                else:
+                    self.finish_reason = "max_calls"
+        return self.waiting
+
+    def inject(self, output, after_newline, tokenizer):
+        self.forced.extend(tokenizer.encode(tool_injection(output, after_newline), add_special_tokens=False))
+
+    def tool_returned(self, output, status, tokenizer):
+        self.calls += 1
+        self.statuses.append(status)
+        self.waiting = False
+        self.inject(output, tokenizer.decode(self.tokens).endswith("\n"), tokenizer)
+
+    def sample(self, tokenizer):
+        text_tokens = self.tokens[:-1] if self.finish_reason == "eos" else self.tokens
+        text = tokenizer.decode(text_tokens) if tokenizer is not None else ""
+        return Sample(self.tokens, self.sampled_mask, self.logprobs, text, self.calls, self.statuses,
+                      self.finish_reason)
+
+
+class _Slots:
+    """The batch as a decode step sees it: slot s of the cache holds row row_of[s]. The slots are kept ordered [rows
+    still decoding | paused or finished rows], so a step runs on the views [:n] without copying; a row changing state
+    swaps slots with another (two rows copied, not the whole cache)."""
+
+    def __init__(self, rows, cache: KVCache):
+        device = cache.k.device
+        self.rows, self.cache = rows, cache
+        self.row_of = list(range(len(rows)))
+        # tokens of each slot's sequence, counting next_input, the chosen token not yet fed (so not yet cached)
+        self.lengths = torch.tensor([row.prompt_length for row in rows], device=device)
+        self.next_input = torch.zeros(len(rows), dtype=torch.long, device=device)
+        self.seeds = torch.tensor([row.seed for row in rows], device=device)
+
+    def swap(self, a, b):
+        """Exchange slots a[i] and b[i] (lists): their cache rows, per-slot state and rows."""
+        if not a:
+            return
+        device = self.lengths.device
+        ia, ib = torch.tensor(a, device=device), torch.tensor(b, device=device)
+        self.cache.swap(ia, ib)
+        both, other = torch.cat([ia, ib]), torch.cat([ib, ia])
+        for tensor in (self.lengths, self.next_input, self.seeds):
+            tensor[both] = tensor[other]
+        for x, y in zip(a, b):
+            self.row_of[x], self.row_of[y] = self.row_of[y], self.row_of[x]
+
+    def compact(self):
+        """Reorder slots so the rows still decoding come first; returns their count."""
+        live = {s for s, r in enumerate(self.row_of) if self.rows[r].decoding}
+        n = len(live)
+        holes = [s for s in range(n) if s not in live]
+        outsiders = sorted(s for s in live if s >= n)
+        self.swap(holes, outsiders)
+        return n
+
+    def add_tokens(self, tokens, logprobs, rules: _Rules):
+        """Give each of the first len(tokens) slots its next token: the chosen one, or the next injected token where the
+        row has some pending. Returns the rows that now wait for the tool."""
+        n = len(tokens)
+        self.lengths[:n] += 1
+        self.next_input[:n] = tokens
+        forced_slots, forced_tokens, asking = [], [], []
+        for slot, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+            row = self.rows[self.row_of[slot]]
+            if row.forced:
+                token = row.forced.popleft()
+                forced_slots.append(slot)
+                forced_tokens.append(token)
+                waits = row.add_token(token, False, 0.0, rules)
+            else:
+                waits = row.add_token(token, True, logprob, rules)
+            if waits:
+                asking.append(row)
+        if forced_slots:
+            device = self.next_input.device
+            self.next_input[torch.tensor(forced_slots, device=device)] = torch.tensor(forced_tokens, device=device)
+        return asking
+
+
+class _ToolCalls:
+    """The tool calls of one step go to a worker thread as one batch (sandbox.tool runs them concurrently); their rows
+    wait outside the active slots, and come back when their future is done."""
+
+    def __init__(self, tool, workers, tokenizer):
+        self.tool, self.tokenizer = tool, tokenizer
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if tool is not None else None
+        self.pending = {}  # future -> rows
+
+    def submit(self, rows):
+        if rows:
+            self.pending[self.pool.submit(self.tool, [self.tokenizer.decode(r.tokens) for r in rows])] = rows
+
+    def collect(self, block):
+        """Inject the outputs of the finished calls into their rows; with block, first wait for one call to finish."""
+        if not self.pending:
+            return
+        if block:
+            concurrent.futures.wait(list(self.pending), return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in [f for f in self.pending if f.done()]:
+            rows = self.pending.pop(future)
+            try:
+                results = future.result()
+            except Exception as error:
+                raise RuntimeError(f"generate: the tool callback raised {type(error).__name__}: {error}") from error
+            if len(results) != len(rows):
+                raise RuntimeError(f"generate: the tool callback returned {len(results)} results for {len(rows)} "
+                                   f"requests")
+            for row, (output, status) in zip(rows, results):
+                row.tool_returned(output, status, self.tokenizer)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 def _eos_set(model, tokenizer, eos_token_id):
     if eos_token_id is None:
@@ -637,6 +869,16 @@ def _eos_set(model, tokenizer, eos_token_id):
     if eos_token_id is None:
         return set()
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _row_seeds(seed, B):
+    if seed is None:
+        return torch.randint(0, 2**32, (B,)).tolist()  # from torch's global RNG: torch.manual_seed makes it repeatable
+    if isinstance(seed, int):
+        return [seed + i for i in range(B)]
+    if len(seed) != B:
+        raise ValueError(f"generate: {len(seed)} seeds for {B} prompts")
+    return list(seed)
 
 
 @torch.inference_mode()
@@ -663,210 +905,61 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         return []
     if (tool is not None or stop_strings) and tokenizer is None:
         raise ValueError("generate: tool calls and stop strings need the tokenizer")
-    config, device = model.config, model.embed_tokens.weight.device
-    context = config.max_position_embeddings
+    context, device = model.config.max_position_embeddings, model.embed_tokens.weight.device
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"generate: prompt {i} is empty")
         if len(prompt) > context:
             raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens, longer than the model's context of "
                              f"{context}")
-    B = len(prompts)
-    if seed is None:
-        seeds = torch.randint(0, 2**32, (B,)).tolist()  # from torch's global RNG: torch.manual_seed makes it repeatable
-    elif isinstance(seed, int):
-        seeds = [seed + i for i in range(B)]
-    else:
-        if len(seed) != B:
-            raise ValueError(f"generate: {len(seed)} seeds for {B} prompts")
-        seeds = list(seed)
-    eos = _eos_set(model, tokenizer, eos_token_id)
-    stop_strings = list(stop_strings or [])
-    tail_chars = max([len(s) for s in stop_strings] + [len(TOOL_TRIGGER) + 1 if tool is not None else 0])
-    rows = [_Row(len(p), s & 0xFFFFFFFF) for p, s in zip(prompts, seeds)]
+    rows = [_Row(len(p), s & 0xFFFFFFFF) for p, s in zip(prompts, _row_seeds(seed, len(prompts)))]
+    for row in rows:  # zero room: nothing to generate
+        if max_new_tokens <= 0 or row.prompt_length >= context:
+            row.finish_reason = "length"
+    rules = _Rules(_eos_set(model, tokenizer, eos_token_id), max_new_tokens, context, tokenizer,
+                   list(stop_strings or []), tool is not None, max_calls)
+    longest_prompt = max(len(p) for p in prompts)
+    longest = min(context, longest_prompt + max_new_tokens)  # the cache never needs more positions
     was_training = model.training
     model.eval()
-
-    # The KV cache: [layers, B, kv_heads, capacity, head_dim]. A step attends over the whole capacity (the positions
-    # past a row's own are masked), because that block is contiguous: a shorter slice of a longer buffer is strided,
-    # and SDPA copies strided keys and values on every call (on CPU that copy cost more than the attention). So the
-    # capacity grows in blocks of CACHE_BLOCK positions, one copy per block rather than a concatenation per step, up
-    # to the longest sequence any row can reach.
-    longest_prompt = max(len(p) for p in prompts)
-    longest = min(context, longest_prompt + max_new_tokens)
-    dtype = model.embed_tokens.weight.dtype
-
-    def cache_with_capacity(capacity, old=None, slots=B, copy_of=None):
-        """A fresh cache of `capacity` positions holding what `old` holds (slot i taken from old's copy_of[i])."""
-        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
-        new = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        if old is not None:
-            for new_tensor, old_tensor in zip(new, old):
-                for layer in range(config.num_hidden_layers):  # one layer at a time: a gather's copy stays small
-                    rows = old_tensor[layer] if copy_of is None else old_tensor[layer, copy_of]
-                    new_tensor[layer, :, :, :old_tensor.shape[3]] = rows
-        return new
-
-    # Cache slots are kept ordered [active rows | paused or finished rows], so a step runs on the views cache[:, :n]
-    # without copying; a row changing state swaps slots with another (two rows copied, not the whole cache).
-    slot_row = list(range(B))                                         # slot -> row
-    # lengths: tokens of each slot's sequence, counting next_input, the chosen token not yet fed (so not yet cached)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    next_input = torch.zeros(B, dtype=torch.long, device=device)
-    slot_seeds = torch.tensor([r.seed for r in rows], device=device)
-
-    def swap_slots(a, b):
-        """Move the slots listed in a to the places of those in b and vice versa (all caches and per-slot state)."""
-        if not a:
-            return
-        ia, ib = torch.tensor(a, device=device), torch.tensor(b, device=device)
-        both, other = torch.cat([ia, ib]), torch.cat([ib, ia])
-        for tensor in cache:
-            tensor[:, both] = tensor[:, other]
-        for tensor in (lengths, next_input, slot_seeds):
-            tensor[both] = tensor[other]
-        for x, y in zip(a, b):
-            slot_row[x], slot_row[y] = slot_row[y], slot_row[x]
-
-    def compact():
-        """Reorder slots so the rows still decoding come first; returns their count."""
-        live = {s for s in range(B) if rows[slot_row[s]].finish_reason is None and not rows[slot_row[s]].waiting}
-        n = len(live)
-        holes = [s for s in range(n) if s not in live]
-        outsiders = sorted(s for s in live if s >= n)
-        swap_slots(holes, outsiders)
-        return n
-
-    def finish(row, reason):
-        row.finish_reason = reason
-
-    def after_token(row, token, sampled, logprob):
-        """Append one token to a row and decide what the row does next."""
-        row.tokens.append(token)
-        row.sampled_mask.append(int(sampled))
-        row.logprobs.append(logprob if sampled else 0.0)
-        if sampled and token in eos:
-            return finish(row, "eos")
-        if len(row.tokens) >= max_new_tokens or row.prompt_length + len(row.tokens) >= context:
-            return finish(row, "length")
-        if not sampled or not tail_chars:
-            return
-        tail = tokenizer.decode(row.tokens[-(tail_chars + 8):])
-        if any(tail.endswith(s) for s in stop_strings):
-            return finish(row, "stop")
-        if tool is not None and (tail.endswith(TOOL_TRIGGER) or tail.endswith(TOOL_TRIGGER + "\n")):
-            if row.calls < max_calls:
-                row.waiting = True
-                tool_requests.append(row)
-            elif not row.noticed:
-                row.noticed = True
-                inject(row, MAX_CALLS_NOTICE, tail.endswith("\n"))
-            else:
-                finish(row, "max_calls")
-
-    def inject(row, output, after_newline):
-        row.forced.extend(tokenizer.encode(tool_injection(output, after_newline), add_special_tokens=False))
-
-    def response_text(row):
-        return tokenizer.decode(row.tokens)
-
-    # Tool calls of one step go to a worker thread as one batch (sandbox.tool runs them concurrently); the rows wait
-    # outside the active slots, and come back when their future is done.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=tool_workers) if tool is not None else None
-    pending = {}  # future -> rows
-    tool_requests = []
-
-    def submit_tool_requests():
-        if tool_requests:
-            batch = list(tool_requests)
-            pending[pool.submit(tool, [response_text(r) for r in batch])] = batch
-            tool_requests.clear()
-
-    def collect_tool_results(block):
-        if not pending:
-            return
-        if block:
-            concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in [f for f in pending if f.done()]:
-            batch = pending.pop(future)
-            try:
-                results = future.result()
-            except Exception as error:
-                raise RuntimeError(f"generate: the tool callback raised {type(error).__name__}: {error}") from error
-            if len(results) != len(batch):
-                raise RuntimeError(f"generate: the tool callback returned {len(results)} results for {len(batch)} "
-                                   f"requests")
-            for row, (output, status) in zip(batch, results):
-                row.calls += 1
-                row.statuses.append(status)
-                row.waiting = False
-                inject(row, output, response_text(row).endswith("\n"))
-
-    def handle(n, logits):
-        """Choose the next token of each of the first n slots from their logits [n,V]: a forced (injected) token where
-        the row has one pending, else the sampled one."""
-        # the noise is keyed by the new token's index in the sequence, lengths (before the increment)
-        tokens, logprobs = choose_tokens(logits.float(), temperature, top_k, top_p, slot_seeds[:n], lengths[:n])
-        lengths[:n] += 1
-        next_input[:n] = tokens
-        forced_slots, forced_tokens = [], []
-        for slot, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
-            row = rows[slot_row[slot]]
-            if row.forced:
-                token = row.forced.popleft()
-                forced_slots.append(slot)
-                forced_tokens.append(token)
-                after_token(row, token, False, 0.0)
-            else:
-                after_token(row, token, True, logprob)
-        if forced_slots:
-            next_input[torch.tensor(forced_slots, device=device)] = torch.tensor(forced_tokens, device=device)
-
+    tools = _ToolCalls(tool, tool_workers, tokenizer)
     try:
-        for row in rows:  # zero room: nothing to generate
-            if max_new_tokens <= 0 or row.prompt_length >= context:
-                finish(row, "length")
-        # Prefill: one packed forward over each distinct prompt once (explore.py draws K rollouts of every prompt in
-        # one batch, so most prompts come K times); the rows sharing a prompt then copy its keys and values. Each
-        # row's first token comes from the hidden state at its prompt's last token.
+        # 1. Prefill: one packed forward over each distinct prompt once (explore.py draws K rollouts of every prompt in
+        # one batch, so most prompts come K times). Each row's first token comes from its prompt's last hidden state.
         distinct = {}
         copy_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-        prefilled = cache_with_capacity(longest_prompt, slots=len(distinct))
-        last = model.prefill(list(distinct), prefilled)[copy_of]  # slots are still in row order here
-        cache = cache_with_capacity(min(longest, longest_prompt + CACHE_BLOCK), prefilled, copy_of=copy_of)
-        del prefilled
-        n = compact()
+        cache = KVCache(model.config, len(distinct), longest_prompt, model.embed_tokens.weight.dtype, device)
+        last = model.prefill(list(distinct), (cache.k, cache.v))[copy_of]
+        # 2. The rows sharing a prompt copy its keys and values; room for the first CACHE_BLOCK new tokens.
+        cache.grow(min(longest, longest_prompt + CACHE_BLOCK), copy_of)
+        slots = _Slots(rows, cache)
+        n = slots.compact()
         if n:
-            handle(n, model.lm_head(last[torch.tensor(slot_row[:n], device=device)]))
-        del last
+            logits = model.lm_head(last[torch.tensor(slots.row_of[:n], device=device)])
+            # the noise is keyed by the new token's index in the sequence: lengths, before add_tokens counts it
+            tokens, logprobs = choose_tokens(logits.float(), temperature, top_k, top_p,
+                                             slots.seeds[:n], slots.lengths[:n])
+            tools.submit(slots.add_tokens(tokens, logprobs, rules))
+        # 3. Decode until no row decodes and no tool call is out.
         while True:
-            if tool is not None:
-                submit_tool_requests()
-            n = compact()
-            if n == 0 and not pending:
+            n = slots.compact()
+            if n == 0 and not tools.pending:
                 break
-            collect_tool_results(block=(n == 0))
-            n = compact()
+            tools.collect(block=(n == 0))  # nothing else to do: wait for a call to return
+            n = slots.compact()
             if n == 0:
                 continue
-            # One decode step for the first n slots: each feeds one token at its own position, attends to its prefix.
-            needed = int(lengths[:n].max())
-            if needed > cache[0].shape[3]:
-                cache = cache_with_capacity(min(longest, needed + CACHE_BLOCK - 1), cache)
-            hidden = model.step(next_input[:n, None], cache, lengths[:n] - 1)
-            handle(n, model.lm_head(hidden[:, 0]))
+            cache.make_room(int(slots.lengths[:n].max()), longest)
+            # one decode step for the first n slots: each feeds one token at its own position, attends to its prefix
+            hidden = model.step(slots.next_input[:n, None], (cache.k, cache.v), slots.lengths[:n] - 1)
+            logits = model.lm_head(hidden[:, 0])
+            tokens, logprobs = choose_tokens(logits.float(), temperature, top_k, top_p,
+                                             slots.seeds[:n], slots.lengths[:n])
+            tools.submit(slots.add_tokens(tokens, logprobs, rules))
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        tools.close()
         model.train(was_training)
-
-    samples = []
-    for row in rows:
-        text_tokens = row.tokens[:-1] if row.finish_reason == "eos" else row.tokens
-        text = tokenizer.decode(text_tokens) if tokenizer is not None else ""
-        samples.append(Sample(row.tokens, row.sampled_mask, row.logprobs, text, row.calls, row.statuses,
-                              row.finish_reason))
-    return samples
+    return [row.sample(tokenizer) for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

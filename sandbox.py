@@ -9,7 +9,7 @@ What it is, honestly: a guard against ACCIDENTS by model-written code (an infini
 container for hostile code. It uses what the Linux kernel offers (Linux only) and says once,
 loudly, what is not available.
 
-How one snippet runs (read top to bottom):
+How one snippet runs:
 
     trainer --(pipe: code + limits)--> launcher --fork--> child = PID 1 of a fresh PID namespace
                                           |                  own mount namespace, tmpfs work dir,
@@ -18,18 +18,39 @@ How one snippet runs (read top to bottom):
                                           +-- reads stdout/stderr with a byte cap, enforces the
                                               wall clock, SIGKILLs the child and reaps it
 
-1. The launcher is started once (per worker) and pre-imports numpy and sympy, so a run costs a
-   fork, not an interpreter start plus imports: this is where the throughput comes from.
-2. The child is PID 1 of its own PID namespace: when it dies the kernel kills every process it
-   left behind (setsid'ed, double-forked or not), and it cannot see, hence not signal, anything
-   outside. Where namespaces are not permitted, the launcher is a child subreaper and sweeps.
-3. The launcher lives in its own network namespace (no interface is up: no TCP, no UDP, abstract
-   unix sockets are private); seccomp also refuses socket(2), which covers unix socket files.
-4. Landlock (ABI >= 1) allows writing only inside the work dir and reading only the system and
-   Python's own dirs; (ABI >= 4) no TCP bind/connect; (ABI >= 6) no signals leave the sandbox.
-5. As root, the child switches to a uid of its own (so RLIMIT_NPROC counts and file permissions
-   apply) keeping only CAP_DAC_READ_SEARCH, so an interpreter under /root stays importable; and
-   a memory cgroup bounds the whole tree (RLIMIT_AS bounds each process only).
+The launcher is started once (per worker) and pre-imports numpy and sympy, so a run costs a fork,
+not an interpreter start plus imports: this is where the throughput comes from.
+
+Reading order: the interface first (the limits, Result, run, run_many, and the tool-integrated
+reasoning helpers extract_cells, program_for_cells, format_output, tool). Then the machinery in the
+order a run goes through it: the trainer's pool of launchers; the launcher, which sets up once what
+all its runs share; one run as the launcher sees it (fork, read, clock, kill, reap, classify); the
+child, between fork() and the snippet's first line; the kernel interfaces, through ctypes; the CLI.
+
+The isolation layers, in the order they are applied:
+
+1. Once per launcher: its own network namespace (no interface is up: no TCP, no UDP, abstract unix
+   sockets are private). As non-root, first an unprivileged user namespace, which is what permits
+   making the others. The launcher is also a child subreaper: orphans of a run come back to it.
+2. Per run, the child is PID 1 of its own PID namespace: when it dies the kernel kills every
+   process it left behind (setsid'ed, double-forked or not), and it cannot see, hence not signal,
+   anything outside. Where PID namespaces are not permitted, the launcher sweeps the orphans.
+3. Its own mount namespace: the work dir is a private tmpfs (bytes and files bounded, gone with the
+   run), and so is /dev/shm; /proc shows only the run's PID namespace (no other process's environ).
+4. As root, a memory cgroup bounds the whole tree (RLIMIT_AS bounds each process only).
+5. rlimits: CPU time, file size, open files, processes, no core dumps.
+6. As root, the child switches to a uid of its own (so RLIMIT_NPROC counts and file permissions
+   apply) keeping only CAP_DAC_READ_SEARCH, so an interpreter under /root stays importable; as root
+   of a user namespace it drops every capability. Then no_new_privs.
+7. Landlock, by ABI version. ABI >= 1 (files): writing only inside the work dir (and /dev/null, the
+   private /dev/shm), reading and executing only below the system's and Python's own dirs
+   (truncate(2) is covered from ABI 3 on). ABI >= 4 (TCP): no bind or connect on any port.
+   ABI >= 6 (scopes): no signal and no abstract unix socket connection leaves the run's Landlock
+   domain.
+8. seccomp refuses socket(2), which covers unix socket files elsewhere on the machine.
+9. Last, RLIMIT_AS: relative to what the forked interpreter already maps.
+
+Where the kernel refuses a layer, the launcher runs without it, and the trainer warns once.
 
 CLI:  python sandbox.py FILE.py          run a file, print the Result as JSON
       python sandbox.py --bench          throughput vs naive `subprocess.run([python, "-c", code])`
@@ -64,7 +85,7 @@ MAX_FILES = 2048       # files + dirs in the work dir (tmpfs inodes)
 OPEN_FILES = 256       # RLIMIT_NOFILE
 PROCESSES = 32         # processes + threads of the run (RLIMIT_NPROC on the run's own uid)
 PRELOAD = ("numpy", "sympy")  # imported once by the launcher so `import sympy` is free in a run
-UID_BASE = 1_700_000_000     # runs of launcher k get uid UID_BASE + its pid: no other process has it
+UID_BASE = 1_700_000_000     # a launcher's runs get uid UID_BASE + the launcher's pid: no other process has it
 DISABLE = ()  # protections not to attempt, e.g. ("pid_ns", "landlock"): to test the fallbacks
 # With Landlock, a run may read only these (plus the interpreter's prefixes, sys.path, its work
 # dir): the system, not the users' homes, /tmp or the trainer's working files with their tokens.
@@ -101,609 +122,9 @@ class Result:
 # the model: they get status "sandbox_error" and are counted here so a trainer can report them.
 sandbox_errors = 0
 
-# -----------------------------------------------------------------------------
-# Kernel interfaces through ctypes (no dependencies): unshare/mount/prctl, Landlock, seccomp, capset
-
-libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 8, 38, 22
-PR_SET_CHILD_SUBREAPER = 36
-MACHINE = os.uname().machine
-# syscall numbers that differ per architecture: (capset, socket, audit arch)
-ARCH = {"x86_64": (126, 41, 0xC000003E), "aarch64": (91, 198, 0xC00000B7)}.get(MACHINE)
-SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-
-
-def _check(ret, what):
-    if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-def unshare(flags):
-    _check(libc.unshare(flags), "unshare")
-
-
-def setns(fd, nstype):
-    _check(libc.setns(fd, nstype), "setns")
-
-
-def mount(source, target, fstype, flags, data=None):
-    enc = lambda s: s.encode() if s is not None else None
-    _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
-
-
-def prctl(option, arg):
-    _check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
-
-
-def landlock_abi():
-    try:
-        return max(0, libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1))  # 1 = CREATE_RULESET_VERSION
-    except Exception:
-        return 0
-
-
-def landlock_restrict(abi, workdir, readable, extra_writable):
-    """Reading and executing below `readable`; writing only below workdir (+ /dev/null, a private
-    /dev/shm); with ABI >= 4 no TCP bind/connect (no rule allows any port); with ABI >= 6 no
-    signals and no abstract unix sockets outside this Landlock domain."""
-    read = 1 | 4 | 8  # EXECUTE | READ_FILE | READ_DIR
-    everything = (1 << 13) - 1  # EXECUTE .. MAKE_SYM (ABI 1)
-    if abi >= 2: everything |= 1 << 13  # REFER
-    if abi >= 3: everything |= 1 << 14  # TRUNCATE
-    net = 0b11 if abi >= 4 else 0        # BIND_TCP | CONNECT_TCP
-    scoped = 0b11 if abi >= 6 else 0     # ABSTRACT_UNIX_SOCKET | SIGNAL
-    attr = struct.pack("QQQ", everything, net, scoped)
-    size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    ruleset = _check(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, size, 0), "landlock_create_ruleset")
-    try:
-        def allow(path, access):
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                rule = struct.pack("=Qi", access, fd)  # struct landlock_path_beneath_attr is packed
-                _check(libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"landlock_add_rule {path}")
-            finally:
-                os.close(fd)
-        for path in readable:
-            allow(path, read if os.path.isdir(path) else 1 | 4)
-        allow(workdir, everything)
-        for path in extra_writable:
-            allow(path, everything if os.path.isdir(path) else 1 | 2 | 4 | (1 << 14 if abi >= 3 else 0))
-        _check(libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
-    finally:
-        os.close(ruleset)
-
-
-def seccomp_deny_socket():
-    """A 6-instruction BPF filter: socket(2) fails with EACCES (socketpair, used by multiprocessing,
-    still works). This is what stops connect() to a unix socket file elsewhere on the machine."""
-    _, nr_socket, audit_arch = ARCH
-    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
-    allow, deny = 0x7FFF0000, 0x00050000 | 13  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, allow),  # other ABIs: leave alone
-            (ld, 0, 0, 0), (jset, 2, 0, 0x40000000),                       # x32 syscalls: deny
-            (jeq, 1, 0, nr_socket), (ret, 0, 0, allow), (ret, 0, 0, deny)]
-    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
-    fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
-    _check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.c_char_p(fprog), 0, 0), "seccomp")
-
-
-def keep_only_capabilities(cap):
-    """Drop every capability but `cap`. After setuid from root we keep CAP_DAC_READ_SEARCH (read
-    any file): the interpreter may live under a 0700 /root. Writing is governed by the new uid."""
-    header = struct.pack("Ii", 0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3, this process
-    data = struct.pack("IIIIII", cap, cap, 0, 0, 0, 0)  # effective, permitted, inheritable (x2)
-    _check(libc.syscall(ARCH[0], header, data), "capset")
-
-
-def make_memory_cgroup():
-    """A memory cgroup for this launcher's runs: RLIMIT_AS bounds one process, this bounds the
-    whole tree (32 forked children x 1 GB each would otherwise be 32 GB). cgroup v1 (a `memory`
-    hierarchy) or v2 (unified, where the kernel lets us enable the controller). Returns
-    (dir, limit file, events file) or raises OSError."""
-    with open("/proc/self/cgroup") as f:
-        lines = [line.rstrip("\n").split(":", 2) for line in f]
-    v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
-    if v1 and os.path.isdir("/sys/fs/cgroup/memory"):
-        parent, limit_file, events_file = f"/sys/fs/cgroup/memory{v1[0]}", "memory.limit_in_bytes", "memory.oom_control"
-    else:
-        parent = "/sys/fs/cgroup" + next(path for hierarchy, _, path in lines if hierarchy == "0")
-        limit_file, events_file = "memory.max", "memory.events"
-        with open(f"{parent}/cgroup.subtree_control", "w") as f:
-            f.write("+memory")
-    for name in os.listdir(parent):  # groups left by launchers that were killed
-        if name.startswith("tocode-") and not os.path.exists(f"/proc/{name[7:]}"):
-            try:
-                os.rmdir(f"{parent}/{name}")
-            except OSError:
-                pass
-    group = f"{parent}/tocode-{os.getpid()}"
-    os.makedirs(group, exist_ok=True)
-    if not os.path.exists(f"{group}/{limit_file}"):
-        raise OSError(0, f"no {limit_file} in {group}")
-    return group, limit_file, events_file
-
-
-def oom_kills(group, events_file):
-    with open(f"{group}/{events_file}") as f:
-        return sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
-
 
 # -----------------------------------------------------------------------------
-# The child: what happens between fork() and the snippet's first line
-
-def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid):
-    """Runs in the forked child (PID 1 of its namespace when permitted). Never returns."""
-    limits = request["limits"]
-    try:
-        os.setsid()
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so do we
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in a normal interpreter: BrokenPipeError
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large file raises OSError instead
-        writable = []
-        if "mount_ns" in features:
-            unshare(CLONE_NEWNS)
-            mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks to the host
-            # The work dir is a private tmpfs: total bytes and file count are bounded, and it
-            # vanishes with the namespace, whatever the snippet left in it.
-            mount("tocode", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-                  f"size={limits['disk_mb']}m,nr_inodes={limits['max_files']},mode=0700,uid={run_uid},gid={run_uid}")
-            if os.path.isdir("/dev/shm"):  # multiprocessing's semaphores live here
-                mount("tocode", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
-                      f"size={limits['disk_mb']}m,nr_inodes=256,mode=1777")
-                writable.append("/dev/shm")
-            if "proc" in features:  # a /proc of our PID namespace: other processes (and their environ) are invisible
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        elif run_uid:
-            os.chown(workdir, run_uid, run_uid)
-        if "cgroup" in features:  # "0": this process; its descendants follow
-            with open(f"{features['cgroup'][0]}/cgroup.procs", "w") as f:
-                f.write("0")
-        os.chdir(workdir)
-        # stdin reads EOF; stdout/stderr are the launcher's capped pipes; nothing else stays open
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(stdout_w, 1)
-        os.dup2(stderr_w, 2)
-        os.closerange(3, status_w)
-        os.closerange(status_w + 1, 65536)
-        os.environ.clear()
-        os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
-        tempfile.tempdir = workdir  # the launcher's cached choice (/tmp) is not writable here
-        import resource
-        cpu = int(limits["timeout"]) + 2
-        for name, value in (("RLIMIT_CPU", cpu), ("RLIMIT_FSIZE", limits["file_size_mb"] << 20),
-                            ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0),
-                            ("RLIMIT_NPROC", limits["processes"])):
-            resource.setrlimit(getattr(resource, name), (value, value))
-        if run_uid:  # root: become nobody-like, so NPROC counts and file permissions apply
-            os.setgroups([])
-            os.setresgid(run_uid, run_uid, run_uid)
-            prctl(PR_SET_KEEPCAPS, 1)
-            os.setresuid(run_uid, run_uid, run_uid)
-            keep_only_capabilities(1 << 2)  # CAP_DAC_READ_SEARCH
-        elif ARCH:  # root of a user namespace: its capabilities are not needed either
-            keep_only_capabilities(0)
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-        if "landlock" in features:
-            landlock_restrict(features["landlock"], workdir, features["readable"], [os.devnull] + writable)
-        if "seccomp" in features:
-            seccomp_deny_socket()
-        # RLIMIT_AS last and relative: the forked interpreter already maps numpy and sympy
-        with open("/proc/self/statm") as f:
-            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        address_space = mapped + (limits["memory_mb"] << 20)
-        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-    except BaseException as e:
-        try:
-            os.write(status_w, f"setup failed: {e!r}".encode()[:4000])
-        finally:
-            os._exit(111)
-    os.write(status_w, b"R")  # setup done: from here on, everything is the snippet's doing
-    os.close(status_w)
-    rc = 1
-    try:
-        rc = run_snippet(request["code"])
-    finally:
-        os._exit(rc)
-
-
-def run_snippet(code):
-    import atexit as _atexit, builtins, io, linecache, traceback, types
-    _atexit._clear()
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-                                  line_buffering=True)
-    sys.argv = ["<cell>"]
-    linecache.cache["<cell>"] = (len(code), None, code.splitlines(True), "<cell>")  # tracebacks show source
-    rc = 0
-    try:
-        main = types.ModuleType("__main__")  # a fresh __main__, so pickling the snippet's classes works
-        main.__builtins__ = builtins
-        sys.modules["__main__"] = main
-        exec(compile(code, "<cell>", "exec"), main.__dict__)
-        threading._shutdown()  # like a normal interpreter: wait for non-daemon threads
-        _atexit._run_exitfuncs()
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if rc and e.code is not None:
-            print(f"SystemExit: {e.code}", file=sys.stderr)
-    except BaseException as e:
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the snippet's frame on
-        rc = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    return rc
-
-
-# -----------------------------------------------------------------------------
-# The launcher: a pre-started interpreter that forks one limited child per request
-
-def _send(fd, obj):
-    data = json.dumps(obj).encode()
-    data = struct.pack("I", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _recv(fd):
-    def exactly(n):
-        buf = b""
-        while len(buf) < n:
-            chunk = os.read(fd, n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
-    (n,) = struct.unpack("I", exactly(4))
-    return json.loads(exactly(n))
-
-
-def launcher_main():
-    """Entry point of `python sandbox.py --launcher`: talks length-prefixed JSON on stdin/stdout.
-    It exits when the trainer closes the pipe or dies (EOF). Not PR_SET_PDEATHSIG: that fires when
-    the trainer's *thread* that started us ends, e.g. a run_many worker thread."""
-    hello = _recv(0)
-    sys.path[:] = hello["sys_path"]
-    disable = set(hello["disable"])
-    notes = []  # what could not be set up, reported once to the trainer
-    features = {}
-    is_root = os.geteuid() == 0
-    if not is_root:  # an unprivileged user namespace gives us the rights to make the others
-        try:
-            uid, gid = os.geteuid(), os.getegid()
-            unshare(CLONE_NEWUSER)
-            for path, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-                with open(f"/proc/self/{path}", "w") as f:
-                    f.write(text)
-        except OSError as e:
-            notes.append(f"no user namespace ({e.strerror}), so no other namespace either")
-    try:  # a network namespace for the launcher's life: its runs see no interface at all
-        if "net_ns" in disable:
-            raise OSError(0, "disabled")
-        unshare(CLONE_NEWNET)
-        features["net_ns"] = True
-    except OSError as e:
-        notes.append(f"no network namespace ({e.strerror}): network blocked only by Landlock/seccomp")
-    try:
-        if "pid_ns" in disable:
-            raise OSError(0, "disabled")
-        if not is_root:
-            # We may only return (setns) to a PID namespace our user namespace owns: so the
-            # launcher proper becomes PID 1 of one of its own, and this process just waits.
-            unshare(CLONE_NEWPID)
-            if os.fork():
-                os.wait()
-                os._exit(0)
-            _own_pid_ns()
-        unshare(CLONE_NEWPID)
-        setns(_own_pid_ns(), CLONE_NEWPID)
-        features["pid_ns"] = features["proc"] = True
-    except OSError as e:
-        notes.append(f"no PID namespace ({e.strerror}): escaped processes are swept by a subreaper instead")
-    features["mount_ns"] = True  # kept if the probe below can make one
-    try:
-        if "cgroup" in disable or not is_root:
-            raise OSError(0, "disabled" if is_root else "not root")
-        features["cgroup"] = make_memory_cgroup()
-    except (OSError, StopIteration) as e:
-        notes.append(f"no memory cgroup ({getattr(e, 'strerror', e)}): memory is bounded per process only "
-                     f"(RLIMIT_AS x PROCESSES)")
-    prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back to us, not to init
-    abi = landlock_abi()
-    if abi:
-        features["landlock"] = abi
-        python_paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-        features["readable"] = sorted({os.path.realpath(p) for p in (*READABLE, *python_paths, *sys.path)
-                                      if os.path.exists(p)})
-    else:
-        notes.append("no Landlock: files outside the work dir are protected only by file permissions")
-    if ARCH:
-        features["seccomp"] = True
-    run_uid = UID_BASE + os.getpid() if is_root else 0
-    for name in PRELOAD:  # a failed optional import is the snippet's problem later, not ours
-        try:
-            __import__(name)
-        except Exception:
-            pass
-    import resource  # noqa: F401 (imported here once, not in every child)
-    gc.freeze()  # the pre-loaded objects are never scanned by a child's gc, so never copied-on-write
-    for name in os.listdir(tempfile.gettempdir()):  # left by launchers that were killed
-        if re.fullmatch(r"tocode-sandbox-(\d+)-\w+", name) and not os.path.exists(f"/proc/{name.split('-')[2]}"):
-            try:
-                os.rmdir(os.path.join(tempfile.gettempdir(), name))
-            except OSError:
-                pass
-    base = tempfile.mkdtemp(prefix=f"tocode-sandbox-{os.getpid()}-")
-    os.chmod(base, 0o711)  # the run's uid must be able to reach its work dir
-    try:  # the runs' work dirs are made and removed on a tmpfs of ours: rmdir on ext4 can take ms
-        unshare(CLONE_NEWNS)
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        mount("tocode", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0711")
-    except OSError:
-        pass
-    # Probe: add the optional protections one at a time, keeping each whose setup works here; later
-    # runs then treat any setup failure as our error rather than silently running less protected.
-    wanted = {name: features.pop(name) for name in ("cgroup", "mount_ns", "proc", "landlock", "seccomp") if name in features}
-    for name, value in wanted.items():
-        if name in disable or name == "proc" and "mount_ns" not in features:
-            notes.append(f"no {name}")
-            continue
-        probe = execute_safely({"code": "pass", "limits": DEFAULT_LIMITS}, base, dict(features, **{name: value}), run_uid)
-        if probe["status"] == "ok":
-            features[name] = value
-        else:
-            if name == "cgroup":
-                os.rmdir(value[0])
-            notes.append(f"could not set up {name} ({probe['error']}): running without it")
-    _send(1, {"features": features, "notes": notes, "uid": run_uid})
-    while True:
-        try:
-            request = _recv(0)
-        except EOFError:
-            break
-        _send(1, execute_safely(request, base, features, run_uid))
-    libc.umount2(base.encode(), 2)  # MNT_DETACH
-    os.rmdir(base)
-    if "cgroup" in features:
-        os.rmdir(features["cgroup"][0])
-
-
-def execute_safely(request, base, features, run_uid):
-    try:
-        return execute(request, base, features, run_uid)
-    except Exception as e:  # e.g. fork() failing: our failure, reported, and the launcher lives on
-        return dict(status="sandbox_error", stdout="", stderr="", elapsed=0.0, truncated=False,
-                    error=f"SandboxError: {type(e).__name__}: {e}")
-
-
-def execute(request, base, features, run_uid):
-    """One run: fork the child, feed its output through a byte cap, enforce the clock, kill, reap."""
-    limits = request["limits"]
-    if "cgroup" in features:  # the tree's new pages: the snippet's memory, its files in tmpfs, some slack
-        group, limit_file, events_file = features["cgroup"]
-        with open(f"{group}/{limit_file}", "w") as f:
-            f.write(str((limits["memory_mb"] + 2 * limits["disk_mb"] + 64) << 20))
-        oom_before = oom_kills(group, events_file)
-    workdir = tempfile.mkdtemp(dir=base)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    status_r, status_w = os.pipe()
-    start = time.monotonic()
-    pid = None
-    try:
-        if "pid_ns" in features:
-            unshare(CLONE_NEWPID)  # the next fork() is PID 1 of a fresh namespace ...
-        pid = os.fork()
-        if pid == 0:
-            child_main(request, workdir, out_w, err_w, status_w, features, run_uid)
-    finally:
-        if "pid_ns" in features:
-            setns(_own_pid_ns(), CLONE_NEWPID)  # ... and only that one
-        for fd in (out_w, err_w, status_w):
-            os.close(fd)
-        if pid is None:  # fork() failed
-            for fd in (out_r, err_r, status_r):
-                os.close(fd)
-            os.rmdir(workdir)
-    pidfd = os.pidfd_open(pid)
-    outputs = {out_r: bytearray(), err_r: bytearray()}
-    open_fds = [out_r, err_r, status_r, pidfd]
-    status_msg = bytearray()
-    deadline = start + 10  # for our setup; the snippet's clock starts when setup reports "R"
-    started = False
-    cap = limits["output_bytes"]
-    verdict = None
-    exited = False
-    # Until the tree has ended (PID 1 exited: the namespace is gone, all pipes reach EOF), the
-    # clock runs out, or the output passes the cap.
-    while open_fds and verdict is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            verdict = "timeout"
-            break
-        ready, _, _ = select.select(open_fds, [], [], remaining)
-        for fd in ready:
-            if fd == pidfd:
-                exited = True
-                open_fds.remove(pidfd)
-                _, wait_status, usage = os.wait4(pid, 0)
-                if "pid_ns" not in features:
-                    sweep()  # without a PID namespace, escaped descendants could hold the pipes open
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                open_fds.remove(fd)
-            elif fd == status_r:
-                status_msg += chunk[:4096]
-                if not started and status_msg.startswith(b"R"):
-                    started = True
-                    deadline = time.monotonic() + limits["timeout"]
-            else:
-                outputs[fd] += chunk[: cap + 1 - len(outputs[fd])]
-                if len(outputs[fd]) > cap:
-                    verdict = "output_limit"
-    # Kill the whole tree: PID 1 dying takes its namespace with it; otherwise sweep orphans.
-    if not exited:
-        os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid cannot have been reused
-        _, wait_status, usage = os.wait4(pid, 0)
-    if "pid_ns" not in features:
-        sweep()
-    status_msg += _read_nonblocking(status_r)
-    for fd in (out_r, err_r, status_r, pidfd):
-        os.close(fd)
-    elapsed = time.monotonic() - start
-    try:
-        os.rmdir(workdir)  # the tmpfs was on top of it; it is empty again
-    except OSError:
-        import shutil
-        shutil.rmtree(workdir, ignore_errors=True)
-    stdout = bytes(outputs[out_r][:cap]).decode("utf-8", "replace")
-    stderr = bytes(outputs[err_r][:cap]).decode("utf-8", "replace")
-    truncated = len(outputs[out_r]) > cap or len(outputs[err_r]) > cap
-    result = dict(stdout=stdout, stderr=stderr, elapsed=elapsed, truncated=truncated, error="")
-    if "cgroup" in features and oom_kills(group, events_file) > oom_before:  # the cause of whatever followed
-        verdict = verdict if verdict == "output_limit" else "memory"
-    if not status_msg.startswith(b"R"):  # died before the snippet started: our failure
-        return dict(result, status="sandbox_error", error=status_msg.decode(errors="replace") or "sandbox setup did not finish")
-    if verdict:
-        return dict(result, status=verdict, error={
-            "timeout": f"TimeoutError: execution timed out after {limits['timeout']:g} s",
-            "output_limit": f"OutputLimitError: output exceeded {cap} bytes",
-            "memory": "MemoryError: the run's processes together exceeded the memory limit"}[verdict])
-    code = os.waitstatus_to_exitcode(wait_status)
-    if code == 0:
-        return dict(result, status="ok")
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else ""
-    if code in (-signal.SIGXCPU, -signal.SIGKILL) and usage.ru_utime + usage.ru_stime >= int(limits["timeout"]) + 1:
-        return dict(result, status="timeout", error="TimeoutError: CPU time limit exceeded")
-    if code < 0:
-        last = f"killed by signal {signal.Signals(-code).name}"
-    if "MemoryError" in last or "Cannot allocate memory" in stderr[-2000:]:
-        return dict(result, status="memory", error=last if "MemoryError" in last else "MemoryError: memory limit exceeded")
-    return dict(result, status="error", error=last or f"exit code {code}")
-
-
-_own_ns_fd = None
-
-
-def _own_pid_ns():
-    global _own_ns_fd
-    if _own_ns_fd is None:
-        _own_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
-    return _own_ns_fd
-
-
-def _read_nonblocking(fd):
-    data = b""
-    while select.select([fd], [], [], 0)[0]:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def sweep():
-    """Kill and reap every child of the launcher (the subreaper): orphans of a run land here.
-    Repeated, because killing a process re-parents its own children to us."""
-    for _ in range(1000):
-        children = set()
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/children") as f:
-                    children.update(int(p) for p in f.read().split())
-            except OSError:
-                pass
-        if not children:
-            return
-        for child in children:
-            try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for child in children:
-            try:
-                os.waitpid(child, 0)
-            except ChildProcessError:
-                pass
-
-
-# -----------------------------------------------------------------------------
-# The trainer's side: a pool of launchers, one per concurrent run
-
-# The launcher's own environment: CHILD_ENV, plus a memory layout that makes fork() cheaper. A
-# fork copies one page-table entry per 4 KiB page of the ~45 MB the pre-loaded modules occupy;
-# with all Python objects in glibc's heap (PYTHONMALLOC=malloc) and that heap on transparent huge
-# pages, it copies one entry per 2 MiB instead (a child's write still copies only 4 KiB).
-LAUNCHER_ENV = dict(CHILD_ENV, PYTHONMALLOC="malloc", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-
-
-class Launcher:
-    def __init__(self):
-        env = dict(LAUNCHER_ENV)
-        self.proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "--launcher"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
-        _send(self.proc.stdin.fileno(), {"sys_path": [p for p in sys.path if p], "disable": list(DISABLE)})
-        self.hello = self.receive(timeout=120)
-
-    def receive(self, timeout):
-        fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], timeout)[0]:
-            raise TimeoutError("launcher did not answer")
-        return _recv(fd)
-
-    def close(self, graceful=True):
-        """EOF on its stdin makes the launcher remove its work dirs and cgroup and exit."""
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=2 if graceful else 0)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-
-
-_idle = []
-_pool_lock = threading.Lock()
-_pool_pid = None
-_warned = False
-
-
-def _checkout():
-    global _pool_pid, _warned
-    with _pool_lock:
-        if _pool_pid != os.getpid():  # after a fork of the trainer, the launchers are not ours
-            _idle.clear()
-            _pool_pid = os.getpid()
-        while _idle:
-            launcher = _idle.pop()
-            if launcher.proc.poll() is None:
-                return launcher
-    launcher = Launcher()
-    if launcher.hello["notes"] and not _warned:
-        _warned = True
-        print("sandbox.py: WARNING, weaker isolation on this machine:\n  " + "\n  ".join(launcher.hello["notes"]),
-              file=sys.stderr)
-    return launcher
-
-
-@atexit.register
-def shutdown():
-    """Stop the idle launchers (they also exit by themselves when the trainer dies: EOF)."""
-    with _pool_lock:
-        while _idle:
-            _idle.pop().close()
-
+# Running code: what a trainer calls
 
 def run(code: str, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, **other_limits) -> Result:
     """Run `code` in a fresh limited process and work dir. Never raises for any code string
@@ -801,6 +222,671 @@ def tool(responses: list, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, 
                                           timeout=timeout, memory_mb=memory_mb)))
     no_code = Result(status="error", error="SyntaxError: no python code block to run")
     return [(format_output(results.get(i, no_code)), results.get(i, no_code).status) for i in range(len(responses))]
+
+
+# -----------------------------------------------------------------------------
+# The trainer's side: a pool of launchers, one per concurrent run
+
+# The launcher's own environment: CHILD_ENV, plus a memory layout that makes fork() cheaper. A
+# fork copies one page-table entry per 4 KiB page of the ~45 MB the pre-loaded modules occupy;
+# with all Python objects in glibc's heap (PYTHONMALLOC=malloc) and that heap on transparent huge
+# pages, it copies one entry per 2 MiB instead (a child's write still copies only 4 KiB).
+LAUNCHER_ENV = dict(CHILD_ENV, PYTHONMALLOC="malloc", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+
+
+class Launcher:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "--launcher"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=LAUNCHER_ENV, close_fds=True)
+        _send(self.proc.stdin.fileno(), {"sys_path": [p for p in sys.path if p], "disable": list(DISABLE)})
+        self.hello = self.receive(timeout=120)
+
+    def receive(self, timeout):
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], timeout)[0]:
+            raise TimeoutError("launcher did not answer")
+        return _recv(fd)
+
+    def close(self, graceful=True):
+        """EOF on its stdin makes the launcher remove its work dirs and cgroup and exit."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=2 if graceful else 0)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_idle = []
+_pool_lock = threading.Lock()
+_pool_pid = None
+_warned = False
+
+
+def _checkout():
+    global _pool_pid, _warned
+    with _pool_lock:
+        if _pool_pid != os.getpid():  # after a fork of the trainer, the launchers are not ours
+            _idle.clear()
+            _pool_pid = os.getpid()
+        while _idle:
+            launcher = _idle.pop()
+            if launcher.proc.poll() is None:
+                return launcher
+    launcher = Launcher()
+    if launcher.hello["notes"] and not _warned:
+        _warned = True
+        print("sandbox.py: WARNING, weaker isolation on this machine:\n  " + "\n  ".join(launcher.hello["notes"]),
+              file=sys.stderr)
+    return launcher
+
+
+@atexit.register
+def shutdown():
+    """Stop the idle launchers (they also exit by themselves when the trainer dies: EOF)."""
+    with _pool_lock:
+        while _idle:
+            _idle.pop().close()
+
+
+# Trainer and launcher talk over pipes in length-prefixed JSON messages.
+def _send(fd, obj):
+    data = json.dumps(obj).encode()
+    data = struct.pack("I", len(data)) + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _recv(fd):
+    def exactly(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+    (n,) = struct.unpack("I", exactly(4))
+    return json.loads(exactly(n))
+
+
+# -----------------------------------------------------------------------------
+# The launcher: a pre-started interpreter that sets up once what its runs share, then forks one
+# limited child per request
+
+def launcher_main():
+    """Entry point of `python sandbox.py --launcher`. It exits when the trainer closes the pipe or
+    dies (EOF). Not PR_SET_PDEATHSIG: that fires when the trainer's *thread* that started us ends,
+    e.g. a run_many worker thread."""
+    hello = _recv(0)
+    sys.path[:] = hello["sys_path"]
+    disable = set(hello["disable"])
+    notes = []  # what could not be set up, reported once to the trainer
+    features = {}
+    is_root = os.geteuid() == 0  # asked before the user namespace, inside which we are root
+    _enter_namespaces(features, notes, disable, is_root)
+    _find_protections(features, notes, disable, is_root)
+    run_uid = UID_BASE + os.getpid() if is_root else 0
+    _preload()
+    base = _make_base_dir()
+    _keep_protections_that_work(features, notes, disable, base, run_uid)
+    _send(1, {"features": features, "notes": notes, "uid": run_uid})
+    _serve(base, features, run_uid)
+    libc.umount2(base.encode(), 2)  # MNT_DETACH
+    os.rmdir(base)
+    if "cgroup" in features:
+        os.rmdir(features["cgroup"][0])
+
+
+def _enter_namespaces(features, notes, disable, is_root):
+    """The namespaces the launcher lives in for its whole life (as non-root, a user namespace
+    first, then a network namespace), and a check that runs can get PID namespaces. Records in
+    `features` what worked and in `notes` what did not."""
+    if not is_root:  # an unprivileged user namespace gives us the rights to make the others
+        try:
+            uid, gid = os.geteuid(), os.getegid()
+            unshare(CLONE_NEWUSER)
+            for path, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+                with open(f"/proc/self/{path}", "w") as f:
+                    f.write(text)
+        except OSError as e:
+            notes.append(f"no user namespace ({e.strerror}), so no other namespace either")
+    try:  # a network namespace for the launcher's life: its runs see no interface at all
+        if "net_ns" in disable:
+            raise OSError(0, "disabled")
+        unshare(CLONE_NEWNET)
+        features["net_ns"] = True
+    except OSError as e:
+        notes.append(f"no network namespace ({e.strerror}): network blocked only by Landlock/seccomp")
+    try:
+        if "pid_ns" in disable:
+            raise OSError(0, "disabled")
+        if not is_root:
+            # We may only return (setns) to a PID namespace our user namespace owns: so the
+            # launcher proper becomes PID 1 of one of its own, and this process just waits.
+            unshare(CLONE_NEWPID)
+            if os.fork():
+                os.wait()
+                os._exit(0)
+            _own_pid_ns()
+        unshare(CLONE_NEWPID)
+        setns(_own_pid_ns(), CLONE_NEWPID)
+        features["pid_ns"] = features["proc"] = True
+    except OSError as e:
+        notes.append(f"no PID namespace ({e.strerror}): escaped processes are swept by a subreaper instead")
+
+
+def _find_protections(features, notes, disable, is_root):
+    """The other protections this kernel offers (kept or dropped by the probe that follows): a
+    mount namespace, the memory cgroup, Landlock, seccomp. Also makes us the child subreaper."""
+    features["mount_ns"] = True  # kept if the probe can make one
+    try:
+        if "cgroup" in disable or not is_root:
+            raise OSError(0, "disabled" if is_root else "not root")
+        features["cgroup"] = make_memory_cgroup()
+    except (OSError, StopIteration) as e:
+        notes.append(f"no memory cgroup ({getattr(e, 'strerror', e)}): memory is bounded per process only "
+                     f"(RLIMIT_AS x PROCESSES)")
+    prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a run come back to us, not to init
+    abi = landlock_abi()
+    if abi:
+        features["landlock"] = abi
+        python_paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+        features["readable"] = sorted({os.path.realpath(p) for p in (*READABLE, *python_paths, *sys.path)
+                                      if os.path.exists(p)})
+    else:
+        notes.append("no Landlock: files outside the work dir are protected only by file permissions")
+    if ARCH:
+        features["seccomp"] = True
+
+
+def _preload():
+    for name in PRELOAD:  # a failed optional import is the snippet's problem later, not ours
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    import resource  # noqa: F401 (imported here once, not in every child)
+    gc.freeze()  # the pre-loaded objects are never scanned by a child's gc, so never copied-on-write
+
+
+def _make_base_dir():
+    """The dir the runs' work dirs are made in: on a tmpfs of ours where we can mount one, as
+    rmdir on ext4 can take ms. Also removes those left by launchers that were killed."""
+    for name in os.listdir(tempfile.gettempdir()):
+        if re.fullmatch(r"tocode-sandbox-(\d+)-\w+", name) and not os.path.exists(f"/proc/{name.split('-')[2]}"):
+            try:
+                os.rmdir(os.path.join(tempfile.gettempdir(), name))
+            except OSError:
+                pass
+    base = tempfile.mkdtemp(prefix=f"tocode-sandbox-{os.getpid()}-")
+    os.chmod(base, 0o711)  # the run's uid must be able to reach its work dir
+    try:
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        mount("tocode", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0711")
+    except OSError:
+        pass
+    return base
+
+
+def _keep_protections_that_work(features, notes, disable, base, run_uid):
+    """Probe: add the optional protections one at a time, keeping each whose setup works here;
+    later runs then treat any setup failure as our error rather than silently running less
+    protected."""
+    wanted = {name: features.pop(name) for name in ("cgroup", "mount_ns", "proc", "landlock", "seccomp") if name in features}
+    for name, value in wanted.items():
+        if name in disable or name == "proc" and "mount_ns" not in features:
+            notes.append(f"no {name}")
+            continue
+        probe = execute_safely({"code": "pass", "limits": DEFAULT_LIMITS}, base, dict(features, **{name: value}), run_uid)
+        if probe["status"] == "ok":
+            features[name] = value
+        else:
+            if name == "cgroup":
+                os.rmdir(value[0])
+            notes.append(f"could not set up {name} ({probe['error']}): running without it")
+
+
+def _serve(base, features, run_uid):
+    """Answer the trainer's requests, one run each, until it closes the pipe."""
+    while True:
+        try:
+            request = _recv(0)
+        except EOFError:
+            break
+        _send(1, execute_safely(request, base, features, run_uid))
+
+
+# -----------------------------------------------------------------------------
+# One run, as the launcher sees it: fork the child, read its output, enforce the clock, kill, reap
+
+def execute_safely(request, base, features, run_uid):
+    try:
+        return execute(request, base, features, run_uid)
+    except Exception as e:  # e.g. fork() failing: our failure, reported, and the launcher lives on
+        return dict(status="sandbox_error", stdout="", stderr="", elapsed=0.0, truncated=False,
+                    error=f"SandboxError: {type(e).__name__}: {e}")
+
+
+def execute(request, base, features, run_uid):
+    """One run: fork the child, feed its output through a byte cap, enforce the clock, kill, reap."""
+    limits = request["limits"]
+    if "cgroup" in features:  # the tree's new pages: the snippet's memory, its files in tmpfs, some slack
+        group, limit_file, events_file = features["cgroup"]
+        with open(f"{group}/{limit_file}", "w") as f:
+            f.write(str((limits["memory_mb"] + 2 * limits["disk_mb"] + 64) << 20))
+        oom_before = oom_kills(group, events_file)
+    workdir = tempfile.mkdtemp(dir=base)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    status_r, status_w = os.pipe()
+    start = time.monotonic()
+    pid = _fork_child(request, workdir, features, run_uid, (out_w, err_w, status_w), (out_r, err_r, status_r))
+    verdict, stdout, stderr, status_msg, wait_status, usage = _watch(pid, out_r, err_r, status_r, start, limits, features)
+    elapsed = time.monotonic() - start
+    try:
+        os.rmdir(workdir)  # the tmpfs was on top of it; it is empty again
+    except OSError:
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+    cap = limits["output_bytes"]
+    result = dict(stdout=bytes(stdout[:cap]).decode("utf-8", "replace"),
+                  stderr=bytes(stderr[:cap]).decode("utf-8", "replace"),
+                  elapsed=elapsed, truncated=len(stdout) > cap or len(stderr) > cap, error="")
+    if "cgroup" in features and oom_kills(group, events_file) > oom_before:  # the cause of whatever followed
+        verdict = verdict if verdict == "output_limit" else "memory"
+    return _classify(result, verdict, status_msg, wait_status, usage, limits)
+
+
+def _fork_child(request, workdir, features, run_uid, child_fds, parent_fds):
+    """fork() the child, PID 1 of a fresh PID namespace where we may; close the child's ends of
+    the pipes here. If fork() fails, close ours too, remove the work dir and raise."""
+    pid = None
+    try:
+        if "pid_ns" in features:
+            unshare(CLONE_NEWPID)  # the next fork() is PID 1 of a fresh namespace ...
+        pid = os.fork()
+        if pid == 0:
+            child_main(request, workdir, *child_fds, features, run_uid)
+    finally:
+        if "pid_ns" in features:
+            setns(_own_pid_ns(), CLONE_NEWPID)  # ... and only that one
+        for fd in child_fds:
+            os.close(fd)
+        if pid is None:  # fork() failed
+            for fd in parent_fds:
+                os.close(fd)
+            os.rmdir(workdir)
+    return pid
+
+
+def _watch(pid, out_r, err_r, status_r, start, limits, features):
+    """Read the child's pipes until the tree has ended (PID 1 exited: the namespace is gone, all
+    pipes reach EOF), the clock runs out, or the output passes the cap; then kill the whole tree
+    and reap it. Returns (verdict or None, stdout bytes, stderr bytes, the child's setup message,
+    wait status, rusage); stdout and stderr hold at most one byte over the cap."""
+    pidfd = os.pidfd_open(pid)
+    outputs = {out_r: bytearray(), err_r: bytearray()}
+    open_fds = [out_r, err_r, status_r, pidfd]
+    status_msg = bytearray()
+    deadline = start + 10  # for our setup; the snippet's clock starts when setup reports "R"
+    started = False
+    cap = limits["output_bytes"]
+    verdict = None
+    exited = False
+    while open_fds and verdict is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            verdict = "timeout"
+            break
+        ready, _, _ = select.select(open_fds, [], [], remaining)
+        for fd in ready:
+            if fd == pidfd:
+                exited = True
+                open_fds.remove(pidfd)
+                _, wait_status, usage = os.wait4(pid, 0)
+                if "pid_ns" not in features:
+                    sweep()  # without a PID namespace, escaped descendants could hold the pipes open
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.remove(fd)
+            elif fd == status_r:
+                status_msg += chunk[:4096]
+                if not started and status_msg.startswith(b"R"):
+                    started = True
+                    deadline = time.monotonic() + limits["timeout"]
+            else:
+                outputs[fd] += chunk[: cap + 1 - len(outputs[fd])]
+                if len(outputs[fd]) > cap:
+                    verdict = "output_limit"
+    # Kill the whole tree: PID 1 dying takes its namespace with it; otherwise sweep orphans.
+    if not exited:
+        os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid cannot have been reused
+        _, wait_status, usage = os.wait4(pid, 0)
+    if "pid_ns" not in features:
+        sweep()
+    status_msg += _read_nonblocking(status_r)
+    for fd in (out_r, err_r, status_r, pidfd):
+        os.close(fd)
+    return verdict, outputs[out_r], outputs[err_r], status_msg, wait_status, usage
+
+
+def _classify(result, verdict, status_msg, wait_status, usage, limits):
+    """The run's status and error line: our failure if the child's setup did not finish, else the
+    watcher's verdict, else what the snippet's exit (and its stderr) says."""
+    stderr = result["stderr"]
+    if not status_msg.startswith(b"R"):  # died before the snippet started: our failure
+        return dict(result, status="sandbox_error", error=status_msg.decode(errors="replace") or "sandbox setup did not finish")
+    if verdict:
+        return dict(result, status=verdict, error={
+            "timeout": f"TimeoutError: execution timed out after {limits['timeout']:g} s",
+            "output_limit": f"OutputLimitError: output exceeded {limits['output_bytes']} bytes",
+            "memory": "MemoryError: the run's processes together exceeded the memory limit"}[verdict])
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code == 0:
+        return dict(result, status="ok")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else ""
+    if code in (-signal.SIGXCPU, -signal.SIGKILL) and usage.ru_utime + usage.ru_stime >= int(limits["timeout"]) + 1:
+        return dict(result, status="timeout", error="TimeoutError: CPU time limit exceeded")
+    if code < 0:
+        last = f"killed by signal {signal.Signals(-code).name}"
+    if "MemoryError" in last or "Cannot allocate memory" in stderr[-2000:]:
+        return dict(result, status="memory", error=last if "MemoryError" in last else "MemoryError: memory limit exceeded")
+    return dict(result, status="error", error=last or f"exit code {code}")
+
+
+_own_ns_fd = None
+
+
+def _own_pid_ns():
+    """An fd of the launcher's own PID namespace, to return to (setns) after each
+    unshare(CLONE_NEWPID), so that only the run's PID 1 lands in a fresh one."""
+    global _own_ns_fd
+    if _own_ns_fd is None:
+        _own_ns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    return _own_ns_fd
+
+
+def _read_nonblocking(fd):
+    data = b""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def sweep():
+    """Kill and reap every child of the launcher (the subreaper): orphans of a run land here.
+    Repeated, because killing a process re-parents its own children to us."""
+    for _ in range(1000):
+        children = set()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    children.update(int(p) for p in f.read().split())
+            except OSError:
+                pass
+        if not children:
+            return
+        for child in children:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for child in children:
+            try:
+                os.waitpid(child, 0)
+            except ChildProcessError:
+                pass
+
+
+# -----------------------------------------------------------------------------
+# The child: what happens between fork() and the snippet's first line
+
+def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid):
+    """Runs in the forked child (PID 1 of its namespace when permitted). Never returns."""
+    limits = request["limits"]
+    try:
+        os.setsid()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so do we
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in a normal interpreter: BrokenPipeError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large file raises OSError instead
+        writable = []
+        if "mount_ns" in features:
+            unshare(CLONE_NEWNS)
+            mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks to the host
+            # The work dir is a private tmpfs: total bytes and file count are bounded, and it
+            # vanishes with the namespace, whatever the snippet left in it.
+            mount("tocode", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+                  f"size={limits['disk_mb']}m,nr_inodes={limits['max_files']},mode=0700,uid={run_uid},gid={run_uid}")
+            if os.path.isdir("/dev/shm"):  # multiprocessing's semaphores live here
+                mount("tocode", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"size={limits['disk_mb']}m,nr_inodes=256,mode=1777")
+                writable.append("/dev/shm")
+            if "proc" in features:  # a /proc of our PID namespace: other processes (and their environ) are invisible
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        elif run_uid:
+            os.chown(workdir, run_uid, run_uid)
+        if "cgroup" in features:  # "0": this process; its descendants follow
+            with open(f"{features['cgroup'][0]}/cgroup.procs", "w") as f:
+                f.write("0")
+        os.chdir(workdir)
+        # stdin reads EOF; stdout/stderr are the launcher's capped pipes; nothing else stays open
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(stdout_w, 1)
+        os.dup2(stderr_w, 2)
+        os.closerange(3, status_w)
+        os.closerange(status_w + 1, 65536)
+        os.environ.clear()
+        os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
+        tempfile.tempdir = workdir  # the launcher's cached choice (/tmp) is not writable here
+        import resource
+        cpu = int(limits["timeout"]) + 2
+        for name, value in (("RLIMIT_CPU", cpu), ("RLIMIT_FSIZE", limits["file_size_mb"] << 20),
+                            ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0),
+                            ("RLIMIT_NPROC", limits["processes"])):
+            resource.setrlimit(getattr(resource, name), (value, value))
+        if run_uid:  # root: become nobody-like, so NPROC counts and file permissions apply
+            os.setgroups([])
+            os.setresgid(run_uid, run_uid, run_uid)
+            prctl(PR_SET_KEEPCAPS, 1)
+            os.setresuid(run_uid, run_uid, run_uid)
+            keep_only_capabilities(1 << 2)  # CAP_DAC_READ_SEARCH
+        elif ARCH:  # root of a user namespace: its capabilities are not needed either
+            keep_only_capabilities(0)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if "landlock" in features:
+            landlock_restrict(features["landlock"], workdir, features["readable"], [os.devnull] + writable)
+        if "seccomp" in features:
+            seccomp_deny_socket()
+        # RLIMIT_AS last and relative: the forked interpreter already maps numpy and sympy
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        address_space = mapped + (limits["memory_mb"] << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    except BaseException as e:
+        try:
+            os.write(status_w, f"setup failed: {e!r}".encode()[:4000])
+        finally:
+            os._exit(111)
+    os.write(status_w, b"R")  # setup done: from here on, everything is the snippet's doing
+    os.close(status_w)
+    rc = 1
+    try:
+        rc = run_snippet(request["code"])
+    finally:
+        os._exit(rc)
+
+
+def run_snippet(code):
+    import builtins, io, linecache, traceback, types
+    atexit._clear()  # the launcher's exit handlers are not the snippet's
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+                                  line_buffering=True)
+    sys.argv = ["<cell>"]
+    linecache.cache["<cell>"] = (len(code), None, code.splitlines(True), "<cell>")  # tracebacks show source
+    rc = 0
+    try:
+        main = types.ModuleType("__main__")  # a fresh __main__, so pickling the snippet's classes works
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        exec(compile(code, "<cell>", "exec"), main.__dict__)
+        threading._shutdown()  # like a normal interpreter: wait for non-daemon threads
+        atexit._run_exitfuncs()
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if rc and e.code is not None:
+            print(f"SystemExit: {e.code}", file=sys.stderr)
+    except BaseException as e:
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the snippet's frame on
+        rc = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    return rc
+
+
+# -----------------------------------------------------------------------------
+# Kernel interfaces through ctypes (no dependencies): unshare/mount/prctl, Landlock, seccomp, capset
+
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 8, 38, 22
+PR_SET_CHILD_SUBREAPER = 36
+MACHINE = os.uname().machine
+# syscall numbers that differ per architecture: (capset, socket, audit arch)
+ARCH = {"x86_64": (126, 41, 0xC000003E), "aarch64": (91, 198, 0xC00000B7)}.get(MACHINE)
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+
+
+def _check(ret, what):
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def unshare(flags):
+    _check(libc.unshare(flags), "unshare")
+
+
+def setns(fd, nstype):
+    _check(libc.setns(fd, nstype), "setns")
+
+
+def mount(source, target, fstype, flags, data=None):
+    enc = lambda s: s.encode() if s is not None else None
+    _check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
+
+
+def prctl(option, arg):
+    _check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
+
+
+def make_memory_cgroup():
+    """A memory cgroup for this launcher's runs: RLIMIT_AS bounds one process, this bounds the
+    whole tree (32 forked children x 1 GB each would otherwise be 32 GB). cgroup v1 (a `memory`
+    hierarchy) or v2 (unified, where the kernel lets us enable the controller). Returns
+    (dir, limit file, events file) or raises OSError."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+    if v1 and os.path.isdir("/sys/fs/cgroup/memory"):
+        parent, limit_file, events_file = f"/sys/fs/cgroup/memory{v1[0]}", "memory.limit_in_bytes", "memory.oom_control"
+    else:
+        parent = "/sys/fs/cgroup" + next(path for hierarchy, _, path in lines if hierarchy == "0")
+        limit_file, events_file = "memory.max", "memory.events"
+        with open(f"{parent}/cgroup.subtree_control", "w") as f:
+            f.write("+memory")
+    for name in os.listdir(parent):  # groups left by launchers that were killed
+        if name.startswith("tocode-") and not os.path.exists(f"/proc/{name[7:]}"):
+            try:
+                os.rmdir(f"{parent}/{name}")
+            except OSError:
+                pass
+    group = f"{parent}/tocode-{os.getpid()}"
+    os.makedirs(group, exist_ok=True)
+    if not os.path.exists(f"{group}/{limit_file}"):
+        raise OSError(0, f"no {limit_file} in {group}")
+    return group, limit_file, events_file
+
+
+def oom_kills(group, events_file):
+    with open(f"{group}/{events_file}") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
+
+
+def keep_only_capabilities(cap):
+    """Drop every capability but `cap`. After setuid from root we keep CAP_DAC_READ_SEARCH (read
+    any file): the interpreter may live under a 0700 /root. Writing is governed by the new uid."""
+    header = struct.pack("Ii", 0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3, this process
+    data = struct.pack("IIIIII", cap, cap, 0, 0, 0, 0)  # effective, permitted, inheritable (x2)
+    _check(libc.syscall(ARCH[0], header, data), "capset")
+
+
+def landlock_abi():
+    try:
+        return max(0, libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1))  # 1 = CREATE_RULESET_VERSION
+    except Exception:
+        return 0
+
+
+def landlock_restrict(abi, workdir, readable, extra_writable):
+    """Reading and executing below `readable`; writing only below workdir (+ /dev/null, a private
+    /dev/shm); with ABI >= 4 no TCP bind/connect (no rule allows any port); with ABI >= 6 no
+    signals and no abstract unix sockets outside this Landlock domain."""
+    read = 1 | 4 | 8  # EXECUTE | READ_FILE | READ_DIR
+    everything = (1 << 13) - 1  # EXECUTE .. MAKE_SYM (ABI 1)
+    if abi >= 2: everything |= 1 << 13  # REFER
+    if abi >= 3: everything |= 1 << 14  # TRUNCATE
+    net = 0b11 if abi >= 4 else 0        # BIND_TCP | CONNECT_TCP
+    scoped = 0b11 if abi >= 6 else 0     # ABSTRACT_UNIX_SOCKET | SIGNAL
+    attr = struct.pack("QQQ", everything, net, scoped)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    ruleset = _check(libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, size, 0), "landlock_create_ruleset")
+    try:
+        def allow(path, access):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = struct.pack("=Qi", access, fd)  # struct landlock_path_beneath_attr is packed
+                _check(libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, 1, rule, 0), f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        for path in readable:
+            allow(path, read if os.path.isdir(path) else 1 | 4)
+        allow(workdir, everything)
+        for path in extra_writable:
+            allow(path, everything if os.path.isdir(path) else 1 | 2 | 4 | (1 << 14 if abi >= 3 else 0))
+        _check(libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
+def seccomp_deny_socket():
+    """A 6-instruction BPF filter: socket(2) fails with EACCES (socketpair, used by multiprocessing,
+    still works). This is what stops connect() to a unix socket file elsewhere on the machine."""
+    _, nr_socket, audit_arch = ARCH
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | 13  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, allow),  # other ABIs: leave alone
+            (ld, 0, 0, 0), (jset, 2, 0, 0x40000000),                       # x32 syscalls: deny
+            (jeq, 1, 0, nr_socket), (ret, 0, 0, allow), (ret, 0, 0, deny)]
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
+    fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
+    _check(libc.prctl(PR_SET_SECCOMP, 2, ctypes.c_char_p(fprog), 0, 0), "seccomp")
 
 
 # -----------------------------------------------------------------------------

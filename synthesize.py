@@ -23,7 +23,6 @@ explore.py drew, for every query x, K rollouts guided to code, K guided to CoT a
 Writes OUT (one training record per line: the contract with train.py), OUT.summary.json beside
 it, and prints a per-family table: the model's own code share next to the reference strategy's.
 """
-import argparse
 import json
 import math
 import os
@@ -34,9 +33,12 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+import flags
 from data import iter_jsonl, write_json_atomic
 
 # ----------------------------------------------------------------------------- hyperparameters
+rollouts = ""            # explore.py's output; required
+out = ""                 # training records (JSONL) for train.py; required
 strategy = "em"          # em: the paper (guided pools weighted by s*); rl: RL-only ablation (native
                          # rollouts, no reference strategy); sft: SFT-only ablation (D_s*, correct only)
 form = "tempered"        # posterior: s* ∝ π·Q (exact E-step); tempered: s* ∝ exp(α·π·Q) (the paper);
@@ -56,6 +58,7 @@ hint_to_code = "\nThis may be wrong. Let me use python.\n"     # between a faile
 hint_to_cot = "\nThis may be wrong. Let me think again.\n"     # between a failed code and a CoT retry
 model = ""               # checkpoint dir whose tokenizer encodes the hints (only with --reflect)
 seed = 0                 # subsampling is reproducible: one generator per (seed, query id)
+# ----------------------------------------------------------------------------- end of hyperparameters
 
 METHODS = ("code", "cot")
 FORMS = ("posterior", "tempered", "argmax")
@@ -362,24 +365,8 @@ def encode_hints(model_dir, hints):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rollouts", required=True, help="explore.py's output")
-    parser.add_argument("--out", required=True, help="training records (JSONL) for train.py")
-    parser.add_argument("--strategy", default=strategy, choices=("em", "rl", "sft"))
-    parser.add_argument("--form", default=form, choices=FORMS)
-    parser.add_argument("--alpha", type=float, default=alpha)
-    parser.add_argument("--code_cost", type=float, default=code_cost)
-    parser.add_argument("--pi_source", default=pi_source, choices=("samples", "prob"))
-    parser.add_argument("--pi_prior", type=float, default=pi_prior)
-    parser.add_argument("--samples_per_query", type=int, default=samples_per_query)
-    parser.add_argument("--adv_eps", type=float, default=adv_eps)
-    parser.add_argument("--reflect", type=int, default=reflect)
-    parser.add_argument("--hint_to_code", default=hint_to_code)
-    parser.add_argument("--hint_to_cot", default=hint_to_cot)
-    parser.add_argument("--model", default=model)
-    parser.add_argument("--seed", type=int, default=seed)
-    return parser.parse_args(argv)
+    return flags.parse(__file__, globals(), argv, required=("rollouts", "out"),
+                       choices={"strategy": ("em", "rl", "sft"), "form": FORMS, "pi_source": ("samples", "prob")})
 
 
 def main(argv=None):

@@ -22,13 +22,12 @@ Log-probs of response tokens come from the fused kernel on the hidden states of 
 positions only: [B,T,V] logits are never formed, and prompt, tool output and padding cost nothing.
 """
 
-import argparse
 import json
 import math
 import os
 import random
-import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 
@@ -36,11 +35,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import flags
 from data import encode_prompt, make_problems, read_jsonl, teacher_solution, tokenize_response
 from model import fused_logprobs, load as load_checkpoint, save as save_checkpoint
 
-# -----------------------------------------------------------------------------
-# hyperparameters: every line below is a command-line flag (--name=value); its comment is the help
+# ----------------------------------------------------------------------------- hyperparameters
+# every line below is a command-line flag (--name=value, see flags.py); its comment is the help
 # what to train
 mode = "sft"             # "sft": maximise log π(y|x) of the solutions; "rl": the M-step objective L(θ) above
 init = "tiny"            # where θ starts: an HF checkpoint dir, or "tiny" (a fresh, random tiny preset)
@@ -78,25 +78,13 @@ chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buff
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
 device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 log_every = 50           # print a loss line every this many steps
-# end of hyperparameters
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- end of hyperparameters
 
 
 def parse_args(argv=None):
-    """Every hyperparameter line above becomes a --flag: default and help come from that line, so
-    the defaults live in one place and read like nanoGPT's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    with open(__file__, encoding="utf-8") as f:
-        block = f.read().split("# hyperparameters:")[1].split("# end of hyperparameters")[0]
-    for name, comment in re.findall(r"^(\w+) = [^#]*#\s*(.*)$", block, re.M):
-        default = globals()[name]
-        parser.add_argument(f"--{name}", type=type(default), default=default, help=comment.replace("%", "%%"))
-    args = parser.parse_args(argv)
-    if args.mode not in ("sft", "rl"):
-        parser.error(f"--mode must be sft or rl, got {args.mode!r}")
+    args = flags.parse(__file__, globals(), argv, choices={"mode": ("sft", "rl")})
     if args.mode == "rl" and not args.data:
-        parser.error("--mode=rl needs --data=train.jsonl (synthesize.py's output)")
+        sys.exit("--mode=rl needs --data=train.jsonl (synthesize.py's output)")
     return args
 
 
@@ -248,21 +236,83 @@ def learning_rate(step, total_steps, peak, warmup_frac, min_lr_frac):
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-
-    # Data parallel only when launched by torchrun (WORLD_SIZE set); a plain run stays single-process.
+def setup_device(requested):
+    """(distributed, rank, world_size, device). Data parallel only when launched by torchrun (WORLD_SIZE
+    set); a plain run stays single-process."""
     distributed = "WORLD_SIZE" in os.environ
     rank, world_size = 0, 1
     if distributed:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = args.device
+    device = requested
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if distributed and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
+    return distributed, rank, world_size, device
+
+
+def make_optimizer(model, args, peak_lr, device):
+    """AdamW with weight decay on matrices only: decaying norm gains pulls them toward 0, not toward
+    anything useful."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=peak_lr, betas=(args.beta1, args.beta2), fused=device.startswith("cuda"))
+    return optimizer, params
+
+
+def accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args, clip_eps, sft_weight,
+                         distributed, world_size, autocast):
+    """Forward and backward of every micro-batch of one optimizer step; returns their summed stats."""
+    step_stats = {}
+    for i, batch in enumerate(micro_batches):
+        # Gradients are exchanged between ranks once per step, on the last micro-batch.
+        sync = trained_model.no_sync() if distributed and i < len(micro_batches) - 1 else nullcontext()
+        with sync, autocast:
+            logprobs, entropy = token_logprobs(trained_model, lm_weight, batch, args.temperature, args.chunk_size)
+            trainable = batch["trainable"][:, 1:]
+            loss, stats = m_step_loss(logprobs, batch["behaviour_logprobs"][:, 1:][trainable],
+                                      batch["advantages"][:, 1:][trainable], batch["sft"][:, 1:][trainable],
+                                      n_tokens, clip_eps, sft_weight)
+        # DDP averages gradients over ranks; the loss is already normalised by the global token
+        # count, so scale back up to get the sum.
+        (loss * world_size).backward()
+        stats["loss"] = loss.item()
+        stats["entropy"] = entropy.sum().item()
+        stats["padded_tokens"] = batch["input_ids"].numel()
+        for key, value in stats.items():
+            step_stats[key] = step_stats.get(key, 0.0) + value
+    return step_stats
+
+
+def log_entry(step, lr_now, step_stats, grad_norm, world_size, seconds, mode):
+    """Per-step log (this rank's tokens): loss, mean ratio, clipped fraction, KL to π_b, entropy."""
+    n = max(step_stats["tokens"], 1)
+    entry = {"step": step, "lr": lr_now, "loss": step_stats["loss"] * world_size, "grad_norm": grad_norm,
+             "nll": step_stats["nll"] / n, "entropy": step_stats["entropy"] / n, "tokens": step_stats["tokens"],
+             "tokens_per_s": step_stats["padded_tokens"] * world_size / max(seconds, 1e-9)}
+    if mode == "rl":
+        entry.update(ratio=step_stats["ratio"] / n, clipped=step_stats["clipped"] / n, kl=step_stats["kl"] / n)
+    return entry
+
+
+def log_line(log, step, total_steps, every, mode):
+    """One line: the means of the last `every` steps."""
+    window = log[-((step % every) + 1):]
+    mean = {k: sum(e[k] for e in window) / len(window) for k in log[-1]}
+    line = (f"step {step + 1}/{total_steps} lr {log[-1]['lr']:.2e} loss {mean['loss']:.4f} nll {mean['nll']:.4f} "
+            f"entropy {mean['entropy']:.3f}")
+    if mode == "rl":
+        line += f" ratio {mean['ratio']:.3f} clipped {mean['clipped']:.3f} kl {mean['kl']:.4f}"
+    return line + f" grad {mean['grad_norm']:.2f} tok/s {mean['tokens_per_s']:.0f}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed, rank, world_size, device = setup_device(args.device)
     master = rank == 0
     if master:
         print(json.dumps(vars(args)))
@@ -293,13 +343,9 @@ def main(argv=None):
     lm_weight = model.lm_head.weight  # the [V,D] output matrix (the embedding itself when tied)
     trained_model = model
     if distributed:
-        trained_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    # Weight decay on matrices only: decaying norm gains pulls them toward 0, not toward anything useful.
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=peak_lr, betas=(args.beta1, args.beta2), fused=device.startswith("cuda"))
+        trained_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None)
+    optimizer, params = make_optimizer(model, args, peak_lr, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     clip_eps, sft_weight = (args.clip_eps, args.sft_weight) if args.mode == "rl" else (0.0, 1.0)
@@ -316,45 +362,17 @@ def main(argv=None):
         n_tokens = torch.tensor(float(sum(b["trainable"][:, 1:].sum().item() for b in micro_batches)), device=device)
         if distributed:
             dist.all_reduce(n_tokens)
-        step_stats = {}
-        for i, batch in enumerate(micro_batches):
-            # Gradients are exchanged between ranks once per step, on the last micro-batch.
-            sync = trained_model.no_sync() if distributed and i < len(micro_batches) - 1 else nullcontext()
-            with sync, autocast:
-                logprobs, entropy = token_logprobs(trained_model, lm_weight, batch, args.temperature, args.chunk_size)
-                trainable = batch["trainable"][:, 1:]
-                loss, stats = m_step_loss(logprobs, batch["behaviour_logprobs"][:, 1:][trainable],
-                                          batch["advantages"][:, 1:][trainable], batch["sft"][:, 1:][trainable],
-                                          n_tokens, clip_eps, sft_weight)
-            # DDP averages gradients over ranks; the loss is already normalised by the global token
-            # count, so scale back up to get the sum.
-            (loss * world_size).backward()
-            stats["loss"] = loss.item()
-            stats["entropy"] = entropy.sum().item()
-            stats["padded_tokens"] = batch["input_ids"].numel()
-            for key, value in stats.items():
-                step_stats[key] = step_stats.get(key, 0.0) + value
+        step_stats = accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args, clip_eps,
+                                          sft_weight, distributed, world_size, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # Per-step log (this rank's tokens): loss, mean ratio, clipped fraction, KL to π_b, entropy.
-        n = max(step_stats["tokens"], 1)
-        entry = {"step": step, "lr": lr_now, "loss": step_stats["loss"] * world_size, "grad_norm": grad_norm.item(),
-                 "nll": step_stats["nll"] / n, "entropy": step_stats["entropy"] / n, "tokens": step_stats["tokens"],
-                 "tokens_per_s": step_stats["padded_tokens"] * world_size / max(time.time() - t_step, 1e-9)}
-        if args.mode == "rl":
-            entry.update(ratio=step_stats["ratio"] / n, clipped=step_stats["clipped"] / n, kl=step_stats["kl"] / n)
+        log.append(log_entry(step, lr_now, step_stats, grad_norm.item(), world_size, time.time() - t_step, args.mode))
         t_step = time.time()
-        log.append(entry)
         if master and ((step + 1) % args.log_every == 0 or step == total_steps - 1):
-            window = log[-((step % args.log_every) + 1):]
-            mean = {k: sum(e[k] for e in window) / len(window) for k in entry}
-            line = f"step {step + 1}/{total_steps} lr {lr_now:.2e} loss {mean['loss']:.4f} nll {mean['nll']:.4f} entropy {mean['entropy']:.3f}"
-            if args.mode == "rl":
-                line += f" ratio {mean['ratio']:.3f} clipped {mean['clipped']:.3f} kl {mean['kl']:.4f}"
-            tqdm.write(line + f" grad {mean['grad_norm']:.2f} tok/s {mean['tokens_per_s']:.0f}")
-        bar.set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
+            tqdm.write(log_line(log, step, total_steps, args.log_every, args.mode))
+        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
 
     if master:
         save_run(model, tokenizer, args, log)

@@ -139,15 +139,29 @@ def test_cached_equals_cache_free_and_logprobs(checkpoints, monkeypatch, cache_b
     distinct = prompts_of_different_lengths()
     prompts = distinct[:3] + distinct[:2] + distinct[3:] + [distinct[0]]  # repeats share one prefill
     samples = M.generate(model, prompts, 20, temperature=0, eos_token_id=[])
-    for prompt, sample in zip(prompts, samples):
-        ids, logprobs = list(prompt), []
-        with torch.no_grad():
-            for _ in range(20):
-                logits = model(torch.tensor([ids]))[0, -1]
-                ids.append(int(logits.argmax()))
-                logprobs.append(float(torch.log_softmax(logits, -1)[ids[-1]]))
+    reference = M.generate_reference(model, prompts, 20, temperature=0)
+    for prompt, sample, (ids, logprobs) in zip(prompts, samples, reference):
         assert sample.tokens == ids[len(prompt):]
         assert sample.logprobs == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_sampled_generation_matches_the_reference(monkeypatch):
+    """Seeded top-k / top-p sampling with EOS and the context end: generate() (packed prefill, shared prompts, a cache
+    that grows, slots compacted as rows end) draws exactly what a full forward per token draws."""
+    monkeypatch.setattr(M, "CACHE_BLOCK", 3)  # the long prompt would otherwise start with the whole context's room
+    model, _ = M.tiny(seed=1)
+    long_prompt = (list(range(2, 98)) * 4)[:375]  # 9 tokens short of the context
+    prompts = prompts_of_different_lengths(5) * 2 + [long_prompt]
+    seeds = list(range(20, 20 + len(prompts)))
+    eos = list(range(2, 10))   # 8 of the 98 tokens end a row: most rows stop before 40 tokens
+    kwargs = dict(temperature=0.8, top_k=20, top_p=0.9)
+    samples = M.generate(model, prompts, 40, seed=seeds, eos_token_id=eos, **kwargs)
+    reference = M.generate_reference(model, prompts, 40, seeds=seeds, eos=eos, **kwargs)
+    for prompt, sample, (ids, logprobs) in zip(prompts, samples, reference):
+        assert sample.tokens == ids[len(prompt):]
+        assert sample.logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert {s.finish_reason for s in samples} == {"eos", "length"}
+    assert len(samples[-1].tokens) == 9 and samples[-1].finish_reason == "length"
 
 
 def test_packed_prefill_matches_forward_and_fills_the_cache(checkpoints):
