@@ -5,6 +5,8 @@ bench.py — the two speed/memory claims of model.py, each measured against its 
                                                        # tiny preset @ batch 64, a ~25M Llama @ batch 16 (CPU)
   python bench.py sampler --device=cuda --sizes=qwen0.5b   # a 0.5B Qwen2 config in bf16, plus the memory-bandwidth
                                                        # bound of a decode step
+  python bench.py sampler --device=cuda --sizes=qwen0.5b-b64,qwen0.5b-b128,qwen0.5b-b256 --repeats=2
+                                                       # the CUDA-graph rows: 256-token prompts + 512 new tokens
   OMP_WAIT_POLICY=PASSIVE python bench.py fused        # fused_logprobs vs naive log_softmax+gather, forward+backward,
                                                        # V=151,936, D=896, N=2048 and 8192: time and extra peak memory
   python bench.py fused --device=cuda --dtype=bfloat16
@@ -21,7 +23,7 @@ Fused: extra peak memory = peak during forward+backward above what was held befo
 """
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # steadier multi-thread timings on a shared CPU (DESIGN.md §7)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: steadier timings on a shared CPU
 import gc
 import json
 import re
@@ -42,11 +44,15 @@ sampler_device = "cpu"    # cpu | cuda (bf16 there)
 sampler_threads = 1       # torch CPU threads (1: the steadiest timings on a shared 2-core machine)
 sampler_repeats = 3       # alternating runs of each implementation
 sampler_hbm_gbps = 0.0    # GPU memory bandwidth for the bound; 0 = guess from the device name
+sampler_compare_eager = False  # cuda: also time our static path with its steps run eagerly (cuda_graphs=False)
 # ----------------------------------------------------------------------------- end of sampler hyperparameters
 SEED = 0                  # the random weights and prompts of every preset
 
 LLAMA_25M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=4,
                  intermediate_size=1536, max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=0)
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768, rope_theta=1e6,
+                 tie_word_embeddings=True, qkv_bias=True, architecture="Qwen2ForCausalLM", eos_token_id=0)
 # name: (config fields for a random Llama/Qwen2, batch, prompt length range, new tokens[, copies of each prompt])
 PRESETS = {
     "tiny": (dict(M.TINY_CONFIG), 64, (40, 80), 128),
@@ -55,10 +61,11 @@ PRESETS = {
     "25m": (LLAMA_25M, 16, (32, 64), 64),
     # the same, shaped like explore.py's calls: 4 prompts x K=4 rollouts of each (HF prefills every copy)
     "25m-k4": (LLAMA_25M, 16, (32, 64), 64, 4),
-    "qwen0.5b": (dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                      num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768, rope_theta=1e6,
-                      tie_word_embeddings=True, qkv_bias=True, architecture="Qwen2ForCausalLM", eos_token_id=0),
-                 64, (64, 128), 256),
+    "qwen0.5b": (QWEN2_05B, 64, (64, 128), 256),
+    # GPU rows for the CUDA-graph decode step: at batch 256 the keys and values read per step outweigh the weights
+    "qwen0.5b-b64": (QWEN2_05B, 64, (256, 256), 512),
+    "qwen0.5b-b128": (QWEN2_05B, 128, (256, 256), 512),
+    "qwen0.5b-b256": (QWEN2_05B, 256, (256, 256), 512),
 }
 KNOWN_BANDWIDTH_GBPS = {"H100": 3350, "H200": 4800, "A100": 2039, "L4": 300, "A10": 600, "4090": 1008}
 
@@ -83,8 +90,8 @@ def build(name, device, dtype):
     return model, hf, prompts, new_tokens
 
 
-def run_ours(model, prompts, new_tokens):
-    samples = M.generate(model, prompts, new_tokens, temperature=0, eos_token_id=[])
+def run_ours(model, prompts, new_tokens, **kwargs):
+    samples = M.generate(model, prompts, new_tokens, temperature=0, eos_token_id=[], **kwargs)
     return [s.tokens for s in samples]
 
 
@@ -122,17 +129,25 @@ def kernel_time(fn):
     return sum(event.self_cpu_time_total for event in profiler.key_averages() if event.key in KERNELS) / 1e6
 
 
-def bandwidth_bound(model, prompts, new_tokens, dtype, gbps):
+def bandwidth_bound(model, prompts, new_tokens, dtype, gbps, attended=None):
     """Upper bound on decode tokens/s: a step must read every weight once (the embedding table only through the
-    LM head) plus the KV cache of every row; at HBM bandwidth that takes bytes / bandwidth seconds per step."""
+    LM head) plus the keys and values of every row so far, and those grow by one position a step: the step that
+    draws new token t reads len(prompt) + t positions of each row. At HBM bandwidth the run takes the sum over its
+    steps of bytes / bandwidth. attended: read that many positions of every row at every step instead (a cache
+    attended over its whole allocated length, as the static path's step does: the mask hides the rest, but the
+    attention kernel still reads it)."""
     c = model.config
     size = torch.finfo(dtype).bits // 8
     weights = sum(p.numel() for p in model.parameters()) * size
     if not c.tie_word_embeddings:
         weights -= model.embed_tokens.weight.numel() * size
-    mean_length = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2
-    kv = 2 * c.num_hidden_layers * len(prompts) * c.num_key_value_heads * c.head_dim * mean_length * size
-    return len(prompts) / ((weights + kv) / (gbps * 1e9))
+    position_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * size  # a key and a value a layer
+    if attended is None:  # sum over t < new_tokens of sum over rows of len(prompt) + t
+        positions = new_tokens * sum(len(p) for p in prompts) + len(prompts) * new_tokens * (new_tokens - 1) // 2
+    else:
+        positions = new_tokens * len(prompts) * attended
+    seconds = (new_tokens * weights + positions * position_bytes) / (gbps * 1e9)
+    return len(prompts) * new_tokens / seconds
 
 
 def sampler_main(argv):
@@ -166,21 +181,39 @@ def sampler_main(argv):
         if kernel_seconds:
             row.update(kernel_s=round(kernel_seconds, 3), ceiling=round(statistics.median(hf_times) / kernel_seconds, 2))
         if args.device != "cpu":
-            device_name = torch.cuda.get_device_name()
-            gbps = args.hbm_gbps or next((v for k, v in KNOWN_BANDWIDTH_GBPS.items() if k in device_name), 0)
-            if gbps:
-                bound = bandwidth_bound(model, prompts, new_tokens, dtype, gbps)
-                row.update(gpu=device_name, bound_tok_s=round(bound), of_bound=round(ours_tps / bound, 2))
+            row.update(gpu_columns(model, prompts, new_tokens, dtype, args, ours_tps))
         print(json.dumps(row), flush=True)
         rows.append(row)
     print("\n| size | params | batch | new tokens | device | threads | ours tok/s | HF tok/s | ratio (wall) "
-          "| ratio (CPU time) | kernel ceiling | identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio (CPU time) | kernel ceiling | of HBM bound | identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ceiling = f"{r['ceiling']}x" if "ceiling" in r else "-"
+        of_bound = f"{r['of_bound']:.1%}" if "of_bound" in r else "-"
         print(f"| {r['size']} | {r['params_m']}M | {r['batch']} | {r['new_tokens']} | {r['device']} | {args.threads} "
               f"| {r['ours_tok_s']} | {r['hf_tok_s']} | {r['ratio']}x | {r['cpu_time_ratio']}x | {ceiling} "
-              f"| {r['identical']} |")
+              f"| {of_bound} | {r['identical']} |")
+
+
+def gpu_columns(model, prompts, new_tokens, dtype, args, ours_tps):
+    """Our share of the HBM-bandwidth bound, with the keys and values read as they grow (of_bound) and as the static
+    path's step reads them, its whole allocated cache every step (of_full_cache_bound); with compare_eager, also our
+    static path with its steps run eagerly instead of replayed as CUDA graphs."""
+    device_name = torch.cuda.get_device_name()
+    columns = dict(gpu=device_name)
+    if args.compare_eager:
+        times = [timed(lambda: run_ours(model, prompts, new_tokens, cuda_graphs=False), args.device)[1]
+                 for _ in range(args.repeats)]
+        eager_tps = len(prompts) * new_tokens / statistics.median(times)
+        columns.update(eager_tok_s=round(eager_tps), graphs_speedup=round(ours_tps / eager_tps, 2))
+    gbps = args.hbm_gbps or next((v for k, v in KNOWN_BANDWIDTH_GBPS.items() if k in device_name), 0)
+    if gbps:
+        allocated = min(model.config.max_position_embeddings, max(map(len, prompts)) + new_tokens)
+        bound = bandwidth_bound(model, prompts, new_tokens, dtype, gbps)
+        full = bandwidth_bound(model, prompts, new_tokens, dtype, gbps, attended=allocated)
+        columns.update(hbm_gbps=gbps, bound_tok_s=round(bound), of_bound=round(ours_tps / bound, 3),
+                       full_cache_bound_tok_s=round(full), of_full_cache_bound=round(ours_tps / full, 3))
+    return columns
 
 
 # ----------------------------------------------------------------------------------------------------------------------

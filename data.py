@@ -2,22 +2,32 @@
 The data every stage shares: the embedded arithmetic task, its teacher solutions, the prompts of
 the three modes, and the JSONL plumbing (reading queries, resumable appends, atomic writes).
 
-The embedded task has to recreate, at toy scale, the situation the paper starts from: a model
-that can solve problems both ways when told to, where plain reasoning is reliable on some problems
-(easy: code is a wasted call) and hopeless on others (hard: only code gets them right). A tiny
-character-level model trained for a few minutes can add two 2-digit numbers digit by digit and
-do one-digit products in its head, but it cannot multiply 3-digit by 2-digit numbers or carry a
-running total through four 3-digit steps. Copying numbers into `print(...)`, however, is easy at
-every difficulty, so forced code is right everywhere. See DESIGN.md section 5.
+The embedded task recreates, at toy scale, the situation the paper starts from: each method loses
+somewhere, so a model that chooses well beats both forced modes while calling code less.
+
+  - CoT reliable, code a wasted call (add_sub, mul_add): a tiny character-level model trained for a
+    few minutes adds two 2-digit numbers digit by digit and does one-digit products in its head.
+  - CoT hopeless, code right (mul, chain): it cannot multiply 3-digit by 2-digit numbers or carry a
+    running total through four 3-digit steps in its head, but copying the numbers into `print(...)`
+    is easy at every size.
+  - Code wrong, CoT reliable (last_digit: "what is the last digit of 347 + 586?"): the model's coding
+    habit prints the whole sum (933) and reports it, missing the question's twist, while its CoT is one
+    one-digit addition (7 + 6 = 13, so 3). The contrast is made in the teacher's code solution, which
+    is the habit (`print(347 + 586)`, then the output boxed): the tool runs it correctly and the grader
+    is honest; the program answers another question, as real models' code does when it misreads one.
+    The warm start codes here most of the time when unprompted (train.py's habit_code_frac), so EM
+    must learn both directions: start coding where CoT fails, stop where code fails.
 
     python data.py --split=train --n=2000 --out=queries.jsonl    # write queries
     python data.py --show                                        # one example per family and style
 """
 
+import functools
 import hashlib
 import json
 import os
 import random
+import re
 
 import flags
 
@@ -32,17 +42,25 @@ show = False      # print one problem of each family with both teacher solutions
 # The families, easy first. The mix (3:2:1:1) gives the digit-level CoT of the easy families the
 # most practice, since that is what a tiny model learns last; the hard families only need enough
 # examples to learn to copy their numbers into a program.
-FAMILIES = ("add_sub", "mul_add", "mul", "chain")
-EASY_FAMILIES = ("add_sub", "mul_add")
+FAMILIES = ("add_sub", "mul_add", "last_digit", "mul", "chain")
+EASY_FAMILIES = ("add_sub", "mul_add", "last_digit")
 HARD_FAMILIES = ("mul", "chain")
-FAMILY_WEIGHTS = {"add_sub": 3, "mul_add": 2, "mul": 1, "chain": 1}
+FAMILY_WEIGHTS = {"add_sub": 3, "mul_add": 2, "last_digit": 1, "mul": 1, "chain": 1}
+# Where the model's own code is wrong: the teacher's program answers the plain question (the whole sum) and misses
+# the question's twist (its last digit), the habit the warm start copies.
+CODE_FAILS_FAMILIES = ("last_digit",)
 
-# Share of operand sets that belong to the test split. A problem's split is a hash of its family
-# and its sorted numbers, so "23 + 45" and "45 - 23" fall in the same split: test numbers are
-# never seen in training, whatever the wording or the operator.
+# Share of operations that belong to the test split. An operation is a step on a multi-digit number that a
+# worked solution writes down ("42 + 61", "285 * 30", "1120 - 765"; the digit steps "ones: 7 + 6 = 13" are shared
+# skills, not problems). A problem belongs to a split only when EVERY operation of its solutions does, so no test
+# problem's arithmetic is ever written out in training data, in any family: mul_add's "42 + 61" step and an
+# add_sub problem "61 - 42" are the same pair of numbers and fall in the same split.
 TEST_PERCENT = 20
+# Draws of one problem before make_problems gives up (a chain test problem needs all four steps in the test split:
+# 1 draw in 0.2^4 = 625 on average).
+MAX_DRAWS = 100_000
 
-# Short word problems (45-80 characters): a tiny model spends its capacity on arithmetic, not
+# Short word problems (55-80 characters): a tiny model spends its capacity on arithmetic, not
 # on reading. Several wordings per family so the model must find the numbers, not a position.
 TEMPLATES = {
     "add": [
@@ -60,6 +78,11 @@ TEMPLATES = {
         "{a} bags hold {b} marbles each, plus {c} extra. How many marbles?",
         "Sam reads for {a} days, {b} pages a day, then {c} more. Total pages?",
     ],
+    "last_digit": [
+        "Ann adds {a} and {b}. What is the last digit of the sum?",
+        "A van has {a} kg and takes {b} kg more. Last digit of the total?",
+        "{a} people came, then {b} more. What is the last digit of the count?",
+    ],
     "mul": [
         "A farm has {a} fields with {b} plants each. How many plants?",
         "A shop sells {a} boxes of {b} pins. How many pins in all?",
@@ -72,12 +95,36 @@ TEMPLATES = {
 }
 
 
-def _split_of(family, numbers):
-    """'train' or 'test' for a family and its operands, from a stable hash (not Python's hash(),
-    which is salted per process)."""
-    key = family + ":" + ",".join(str(x) for x in sorted(numbers))
+@functools.lru_cache(maxsize=1 << 20)
+def _split_of_operation(x, y):
+    """'train' or 'test' for a pair of operands x <= y, whatever the operator, from a stable hash (not Python's
+    hash(), which is salted per process)."""
+    key = f"{x},{y}"
     bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
     return "test" if bucket < TEST_PERCENT else "train"
+
+
+_OPERATION = re.compile(r"(-?\d+) [-+*] (\d+)")
+
+
+def operations(record):
+    """The operand pairs of every multi-digit operation in a record's worked CoT solution, and of its expression
+    when that is one operation (the program computes it; last_digit's CoT never writes it)."""
+    steps = [line for line in _cot_lines(record)[0] if not line.startswith(("ones:", "tens:", "result:", "last"))]
+    if len(_OPERATION.findall(record["expression"] + " ")) == 1 and record["expression"].count(" ") == 2:
+        steps.append(record["expression"])
+    pairs = set()
+    for text in steps:
+        for x, y in _OPERATION.findall(text):
+            if max(len(x.lstrip("-")), len(y)) >= 2:
+                pairs.add((int(x), int(y)))
+    return pairs
+
+
+def split_of(record):
+    """'train' or 'test' when every operation of the record falls in that split, else None."""
+    splits = {_split_of_operation(*sorted(pair)) for pair in operations(record)}
+    return splits.pop() if len(splits) == 1 else None
 
 
 def _draw(family, rng):
@@ -95,6 +142,10 @@ def _draw(family, rng):
         a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(10, 99)
         text = rng.choice(TEMPLATES["mul_add"]).format(a=a, b=b, c=c)
         return (a, b, c), text, a * b + c, f"{a} * {b} + {c}"
+    if family == "last_digit":
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        text = rng.choice(TEMPLATES["last_digit"]).format(a=a, b=b)
+        return (a, b), text, (a + b) % 10, f"{a} + {b}"
     if family == "mul":
         a, b = rng.randint(100, 999), rng.randint(10, 99)
         text = rng.choice(TEMPLATES["mul"]).format(a=a, b=b)
@@ -112,9 +163,9 @@ def _draw(family, rng):
 
 def make_problems(n, split, seed=0):
     """n problems of the embedded task from one split, deterministic in (n, split, seed).
-    Families are interleaved in the 3:2:1:1 mix. Within a call, problems are distinct while the
+    Families are interleaved in the FAMILY_WEIGHTS mix. Within a call, problems are distinct while the
     family's split still has unseen operands (add_sub has ~10k); past that, repeats are allowed so
-    that a long warm start can draw as many as it needs."""
+    that a long warm start can draw as many as it needs. A problem of the other split is never kept."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"tocode-{split}-{seed}")
@@ -123,21 +174,24 @@ def make_problems(n, split, seed=0):
     records = []
     for i in range(n):
         family = cycle[i % len(cycle)]
-        for attempt in range(50):
+        fresh, repeat = None, None
+        for attempt in range(MAX_DRAWS):
             numbers, problem, answer, expression = _draw(family, rng)
-            if _split_of(family, numbers) != split:
+            record = {"id": f"{split}-{seed}-{i}", "problem": problem, "answer": str(answer), "family": family,
+                      "difficulty": "easy" if family in EASY_FAMILIES else "hard", "expression": expression}
+            if split_of(record) != split:
                 continue
-            if (family, problem) not in seen or attempt >= 40:
+            if (family, problem) not in seen:
+                fresh = record
                 break
-        seen.add((family, problem))
-        records.append({
-            "id": f"{split}-{seed}-{i}",
-            "problem": problem,
-            "answer": str(answer),
-            "family": family,
-            "difficulty": "easy" if family in EASY_FAMILIES else "hard",
-            "expression": expression,
-        })
+            repeat = repeat or record
+            if attempt >= 2000:        # this family's split looks exhausted: a repeat will do
+                break
+        record = fresh or repeat
+        if record is None:
+            raise RuntimeError(f"make_problems: no {split} problem of family {family} in {MAX_DRAWS} draws")
+        seen.add((family, record["problem"]))
+        records.append(record)
     return records
 
 
@@ -146,14 +200,11 @@ def make_problems(n, split, seed=0):
 # digit-level steps of the easy families are what lets a tiny model be right: the 2-digit operation
 # is first restated on its own line (so each digit is copied from a fixed offset just above), then
 # one single-digit operation per line, the carry or borrow spelled out. mul_add reuses the same
-# steps for its addition, so both easy families train one shared skill. Measured with the warm
-# start (test split, forced CoT): without the restated line add_sub reached 81%, and mul_add's
-# one-line "42 + 61 = 103" 6%; with it, 100% and 95%.
-# The result line is the tens line's number followed by the ones digit with no exception, so
-# 19 - 16 ends "result: 03" and "\boxed{03}" (the grader compares numbers: 03 = 3). Dropping the
-# leading 0 was the one irregular step, needed by the ~12% of subtractions with a one-digit
-# result, and the commonest CoT error: three warm starts got 3, 14 and 20 of those 21 test
-# problems right, and 147-151 of the other 151.
+# steps for its addition and last_digit the same ones line, so the easy families train one shared
+# skill. The result line is the tens line's number followed by the ones digit with no exception, so
+# 19 - 16 ends "result: 03" and "\boxed{03}" (the grader compares numbers: 03 = 3): dropping the
+# leading 0 was the one irregular step and the commonest CoT error. What each choice measured is in
+# the README (The embedded task).
 
 def _cot_add_sub(a, b, op):
     """Digit-level steps of a 2-digit addition or subtraction (a >= b for "-"), after restating it."""
@@ -190,6 +241,9 @@ def _cot_lines(record):
         a, b, c = int(tokens[0]), int(tokens[2]), int(tokens[4])
         lines, digits = _cot_add_sub(a * b, c, "+")
         return [f"{a} * {b} = {a * b}"] + lines, digits
+    if family == "last_digit":
+        a0, b0 = int(tokens[0]) % 10, int(tokens[2]) % 10
+        return [f"ones: {a0} + {b0} = {a0 + b0}", f"last digit: {(a0 + b0) % 10}"], record["answer"]
     if family == "mul":
         # Partial products, one per digit of the 2-digit factor, then their sum.
         a, b = int(tokens[0]), int(tokens[2])
@@ -228,7 +282,8 @@ def teacher_solution(record, style):
         # than running the sandbox keeps teacher data free of subprocesses; tests check they agree.
         output = str(eval(_expression_of(record)))
         program = f"```python\nprint({record['expression']})\n```\n"
-        return program + TOOL_TRIGGER + tool_injection(output) + f"\\boxed{{{answer}}}"
+        # The habit: the program's output is the answer, the question's twist missed (wrong on CODE_FAILS_FAMILIES).
+        return program + TOOL_TRIGGER + tool_injection(output) + f"\\boxed{{{output}}}"
     raise ValueError(f"style must be 'cot' or 'code', got {style!r}")
 
 
@@ -273,19 +328,21 @@ def encode_prompt(tokenizer, problem, mode):
     return tokenizer.encode(make_prompt(tokenizer, problem, mode), add_special_tokens=False)
 
 
-def tokenize_response(tokenizer, text):
+def tokenize_response(tokenizer, text, prompt_ids=()):
     """Token ids of a response as the sampler would have produced them, and a mask (1 = written by
     the model, 0 = injected tool output). The model writes up to and including the trigger
     "```output"; the sampler then injects tool_injection(output) = "\\n" + output + "\\n```\\n" as
-    separately encoded tokens. Each piece is encoded on its own, so token boundaries never cross
-    an injection. An injection cut short (length limit) is masked to the end. No EOS appended."""
-    from model import TOOL_TRIGGER
+    separately encoded tokens. Each piece is encoded on its own, as a continuation of what precedes it
+    (model.encode_continuation: a SentencePiece tokenizer would otherwise give every piece a leading
+    space), so token boundaries never cross an injection. prompt_ids: the prompt the response follows.
+    An injection cut short (length limit) is masked to the end. No EOS appended."""
+    from model import TOOL_TRIGGER, encode_continuation
     closing = "\n```\n"
-    ids, trainable = [], []
+    context, ids, trainable = list(prompt_ids), [], []
 
     def add(piece, flag):
         if piece:
-            piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+            piece_ids = encode_continuation(tokenizer, piece, context + ids)
             ids.extend(piece_ids)
             trainable.extend([flag] * len(piece_ids))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# em.sh: the whole EM loop of tocode as chained stages (DESIGN.md sections 1-2).
+# em.sh: the whole EM loop of tocode as chained stages (README: How it works, The EM loop).
 #
 #   warm start ─▶ evaluate (iteration 0)
 #   for i in 1..ITERS:  explore ─▶ synthesize ─▶ train (M-step) ─▶ evaluate      under runs/$NAME/iter_$i/
@@ -10,6 +10,7 @@
 # resumes its own partial file (explore, evaluate) or starts over (train, a few minutes at most).
 #
 #   bash em.sh                                 # the embedded default on a CPU, ~8 minutes on 2 cores
+#   SEED=2 bash em.sh                          # the same with every seed moved (run name demo-seed2)
 #   STRATEGY=rl bash em.sh                     # the paper's RL-only ablation (run name demo-rl)
 #   NAME=qwen MODEL=path/to/Qwen2.5-Math-1.5B-Instruct QUERIES=train.jsonl TEST=test.jsonl \
 #     N_QUERIES=7000 K=8 MAX_NEW_TOKENS=1024 bash em.sh       # a real checkpoint on a GPU
@@ -18,7 +19,8 @@ cd "$(dirname "$0")"
 
 # ----------------------------------------------------------------------------- knobs
 STRATEGY=${STRATEGY:-em}        # em: the paper | rl: RL-only ablation (all rollouts native) | sft: SFT-only ablation
-NAME=${NAME:-$([ "$STRATEGY" = em ] && echo demo || echo "demo-$STRATEGY")}  # everything goes to $RUNS/$NAME/
+SEED=${SEED:-1}                 # moves every seed: warm-start init and data, queries, exploration, synthesis, M-step
+NAME=${NAME:-demo$([ "$STRATEGY" = em ] || echo "-$STRATEGY")$([ "$SEED" = 1 ] || echo "-seed$SEED")}  # output: $RUNS/$NAME/
 RUNS=${RUNS:-runs}              # parent dir of the runs
 MODEL=${MODEL:-}                # starting checkpoint (HF dir); empty = warm start of the tiny preset (python train.py)
 QUERIES=${QUERIES:-}            # training queries JSONL; empty = the embedded task's train split (python data.py)
@@ -48,6 +50,8 @@ EXPLORE_ARGS=${EXPLORE_ARGS:-}
 SYNTHESIZE_ARGS=${SYNTHESIZE_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 EVALUATE_ARGS=${EVALUATE_ARGS:-}
+SHARDS=${SHARDS:-1}             # GPUs: explore and evaluate run as SHARDS processes side by side, one GPU each (the
+                                # same records as one process), and the M-step under torchrun on all of them
 PYTHON=${PYTHON:-python}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # steadier on a shared CPU
 # -----------------------------------------------------------------------------
@@ -56,10 +60,20 @@ case $STRATEGY in em|rl|sft) ;; *) echo "em.sh: STRATEGY must be em, rl or sft, 
 RUN=$RUNS/$NAME
 mkdir -p "$RUN"
 START=$SECONDS
-echo "em.sh: STRATEGY=$STRATEGY NAME=$NAME MODEL=${MODEL:-<warm start>} QUERIES=${QUERIES:-<generated>}" \
-     "TEST=${TEST:-<generated>} ITERS=$ITERS N_QUERIES=$N_QUERIES N_TEST=$N_TEST K=$K FORM=$FORM EPOCHS=$EPOCHS LR=$LR" \
-     "SFT_WEIGHT=$SFT_WEIGHT MAX_NEW_TOKENS=$MAX_NEW_TOKENS TEMPERATURE=$TEMPERATURE WARMSTART_ARGS='$WARMSTART_ARGS' EXPLORE_ARGS='$EXPLORE_ARGS'" \
-     "SYNTHESIZE_ARGS='$SYNTHESIZE_ARGS' TRAIN_ARGS='$TRAIN_ARGS' EVALUATE_ARGS='$EVALUATE_ARGS'" | tee -a "$RUN/knobs.txt"
+KNOBS="STRATEGY=$STRATEGY SEED=$SEED NAME=$NAME MODEL=${MODEL:-<warm start>} QUERIES=${QUERIES:-<generated>}"
+KNOBS+=" TEST=${TEST:-<generated>} ITERS=$ITERS N_QUERIES=$N_QUERIES N_TEST=$N_TEST K=$K FORM=$FORM EPOCHS=$EPOCHS"
+KNOBS+=" LR=$LR SFT_WEIGHT=$SFT_WEIGHT MAX_NEW_TOKENS=$MAX_NEW_TOKENS TEMPERATURE=$TEMPERATURE"
+KNOBS+=" WARMSTART_ARGS='$WARMSTART_ARGS' EXPLORE_ARGS='$EXPLORE_ARGS' SYNTHESIZE_ARGS='$SYNTHESIZE_ARGS'"
+KNOBS+=" TRAIN_ARGS='$TRAIN_ARGS' EVALUATE_ARGS='$EVALUATE_ARGS'"
+KNOBS+=$([ "$SHARDS" = 1 ] || echo " SHARDS=$SHARDS")   # more GPUs change the M-step's global batch
+echo "em.sh: $KNOBS"
+# A run dir is resumed only with the knobs that started it: otherwise finished stages of one setting would be mixed
+# with new stages of another.
+if [ -e "$RUN/knobs.txt" ] && [ "$(cat "$RUN/knobs.txt")" != "$KNOBS" ]; then
+    echo "em.sh: $RUN was started with other knobs ($(cat "$RUN/knobs.txt")); use another NAME or delete $RUN" >&2
+    exit 2
+fi
+echo "$KNOBS" > "$RUN/knobs.txt"
 
 # stage LABEL OUTPUT COMMAND...: run COMMAND unless OUTPUT exists (the stage then finished before).
 stage() {
@@ -74,10 +88,35 @@ stage() {
     echo "== $label: $((SECONDS - t0)) s" | tee -a "$RUN/times.txt"
 }
 
-# The data. Training queries use seed 1: the warm start drew its problems with seed 0.
+# sharded COMMAND...: COMMAND (explore.py or evaluate.py) as SHARDS processes side by side, shard s on the s-th GPU
+# (of CUDA_VISIBLE_DEVICES if set) with its log in OUT.shard<s>of<SHARDS>.log, then the merge of their parts into
+# COMMAND's --out. The stage fails if a shard fails; a rerun resumes each shard's own partial file.
+sharded() {
+    local arg out s gpus pids=() failed=0
+    for arg in "$@"; do case $arg in --out=*) out=${arg#--out=};; esac; done
+    IFS=, read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-}"
+    # background jobs do not get Ctrl-C: the shards are stopped here, not left running
+    trap 'kill "${pids[@]}" 2>/dev/null; exit 1' INT TERM
+    for ((s = 0; s < SHARDS; s++)); do
+        CUDA_VISIBLE_DEVICES=${gpus[s]:-$s} "$@" --shard="$s/$SHARDS" > "$out.shard${s}of$SHARDS.log" 2>&1 &
+        pids+=($!)
+    done
+    for s in "${!pids[@]}"; do
+        wait "${pids[s]}" || { echo "em.sh: shard $s/$SHARDS failed, see $out.shard${s}of$SHARDS.log" >&2; failed=1; }
+    done
+    trap - INT TERM
+    [ "$failed" = 0 ] || return 1
+    "$@" --merge="$SHARDS"
+}
+case $SHARDS in [1-9]|[1-9][0-9]) ;; *) echo "em.sh: SHARDS must be a number of GPUs, not '$SHARDS'" >&2; exit 2;; esac
+SHARDED=$([ "$SHARDS" = 1 ] || echo sharded)      # empty for one GPU: the stages run as plain commands
+TRAIN_LAUNCH=$PYTHON$([ "$SHARDS" = 1 ] || echo " -m torch.distributed.run --standalone --nproc_per_node=$SHARDS")
+
+# The data. The test split is the same for every SEED (so seeds compare on the same problems); the training queries
+# are drawn with another seed than the warm start's problems.
 if [ -z "$QUERIES" ]; then
     QUERIES=$RUN/queries.jsonl
-    stage "queries" "$QUERIES" $PYTHON data.py --split=train --seed=1 --n=$((ITERS * N_QUERIES)) --out="$QUERIES"
+    stage "queries" "$QUERIES" $PYTHON data.py --split=train --seed=$((1000 + SEED)) --n=$((ITERS * N_QUERIES)) --out="$QUERIES"
 fi
 if [ -z "$TEST" ]; then
     TEST=$RUN/test.jsonl
@@ -88,10 +127,10 @@ fi
 mkdir -p "$RUN/iter_0"
 if [ -z "$MODEL" ]; then
     MODEL=$RUN/iter_0/model
-    stage "warm start" "$MODEL/config.json" $PYTHON train.py --out="$MODEL" $WARMSTART_ARGS
+    stage "warm start" "$MODEL/config.json" $PYTHON train.py --out="$MODEL" --seed="$SEED" $WARMSTART_ARGS
 fi
 stage "evaluate 0" "$RUN/iter_0/eval/summary.json" \
-    $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$RUN/iter_0/eval" \
+    $SHARDED $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$RUN/iter_0/eval" \
     --max_new_tokens="$MAX_NEW_TOKENS" $EVALUATE_ARGS
 
 # take_queries I OUT: the I-th slice of N_QUERIES lines of QUERIES (wrapping around a short file).
@@ -116,25 +155,25 @@ for ((i = 1; i <= ITERS; i++)); do
     stage "queries $i" "$DIR/queries.jsonl" take_queries "$i" "$DIR/queries.jsonl"
     # E-step: explore with the current model, then the reference strategy and the training records.
     stage "explore $i" "$DIR/rollouts.jsonl" \
-        $PYTHON explore.py --model="$MODEL" --queries="$DIR/queries.jsonl" --out="$DIR/rollouts.jsonl" \
-        "${EXPLORE_MODES[@]}" --temperature="$TEMPERATURE" --max_new_tokens="$MAX_NEW_TOKENS" --seed="$i" $EXPLORE_ARGS
+        $SHARDED $PYTHON explore.py --model="$MODEL" --queries="$DIR/queries.jsonl" --out="$DIR/rollouts.jsonl" \
+        "${EXPLORE_MODES[@]}" --temperature="$TEMPERATURE" --max_new_tokens="$MAX_NEW_TOKENS" --seed=$((1000 * SEED + i)) $EXPLORE_ARGS
     stage "synthesize $i" "$DIR/train.jsonl" \
         $PYTHON synthesize.py --rollouts="$DIR/rollouts.jsonl" --out="$DIR/train.jsonl" --strategy="$STRATEGY" \
-        --form="$FORM" --seed="$i" $SYNTHESIZE_ARGS
+        --form="$FORM" --seed=$((1000 * SEED + i)) $SYNTHESIZE_ARGS
     # M-step: from the current model, on the records.
     stage "train $i" "$DIR/model/config.json" \
-        $PYTHON train.py --mode="$TRAIN_MODE" --init="$MODEL" --data="$DIR/train.jsonl" --out="$DIR/model" \
-        --epochs="$EPOCHS" --finetune_lr="$LR" --sft_weight="$SFT_WEIGHT" --temperature="$TEMPERATURE" --seed="$i" $TRAIN_ARGS
+        $TRAIN_LAUNCH train.py --mode="$TRAIN_MODE" --init="$MODEL" --data="$DIR/train.jsonl" --out="$DIR/model" \
+        --epochs="$EPOCHS" --finetune_lr="$LR" --sft_weight="$SFT_WEIGHT" --temperature="$TEMPERATURE" --seed=$((1000 * SEED + i)) $TRAIN_ARGS
     MODEL=$DIR/model
     stage "evaluate $i" "$DIR/eval/summary.json" \
-        $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$DIR/eval" \
+        $SHARDED $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$DIR/eval" \
         --max_new_tokens="$MAX_NEW_TOKENS" $EVALUATE_ARGS
 done
 
 # runs/$NAME/summary.json: one object per evaluated checkpoint, and the table.
 $PYTHON - "$RUN" "$ITERS" <<'EOF'
 import json, os, sys
-from data import EASY_FAMILIES, HARD_FAMILIES, write_json_atomic
+from data import FAMILIES, write_json_atomic
 
 run, iters = sys.argv[1], int(sys.argv[2])
 rows = []
@@ -145,24 +184,23 @@ for i in range(iters + 1):
             rows.append({"iteration": i, **json.load(f)})
 write_json_atomic(os.path.join(run, "summary.json"), rows)
 
-def pct(x):
-    return "   -" if x is None else f"{100 * x:4.0f}"
+def pct(x, width=5):
+    return "-".rjust(width) if x is None else f"{100 * x:{width}.1f}"
 
-def code_rate(by_family, families):
-    """Code rate over the problems of these families (weighted by their counts)."""
-    cells = [by_family[f] for f in families if f in by_family]
-    n = sum(c["n"] for c in cells)
-    return sum(c["code_rate"] * c["n"] for c in cells) / n if n else None
-
-families = sorted({f for r in rows for f in r.get("auto", {}).get("by_family", {})})
-print(f"\n{run}: accuracy and code use (%) on the test split, greedy")
-print("iter   auto  code   cot  select | auto code rate: easy  hard | " + " ".join(f"{f:>8}" for f in families))
+# The embedded task's families in their order (CoT reliable first, CoT hopeless last), then any others.
+seen = {f for r in rows for f in r.get("auto", {}).get("by_family", {})}
+families = [f for f in FAMILIES if f in seen] + sorted(seen - set(FAMILIES))
+print(f"\n{run}: accuracy % per mode, selection %, calls per problem, and the autonomous code rate % per family"
+      f" (test split, greedy)")
+print("iter   auto   code    cot select | calls auto  code | " + " ".join(f"{f:>10}" for f in families))
 for r in rows:
-    auto, by_family = r.get("auto", {}), r.get("auto", {}).get("by_family", {})
-    print(f"{r['iteration']:>4}  {pct(auto.get('accuracy'))}  {pct(r.get('code', {}).get('accuracy'))}  "
-          f"{pct(r.get('cot', {}).get('accuracy'))}    {pct(auto.get('selection_accuracy'))} |"
-          f"                  {pct(code_rate(by_family, EASY_FAMILIES))}  {pct(code_rate(by_family, HARD_FAMILIES))} | "
-          + " ".join(f"{pct(by_family[f]['code_rate']):>8}" if f in by_family else "       -" for f in families))
+    auto, code, by_family = r.get("auto", {}), r.get("code", {}), r.get("auto", {}).get("by_family", {})
+    print(f"{r['iteration']:>4}  {pct(auto.get('accuracy'))}  {pct(code.get('accuracy'))}  "
+          f"{pct(r.get('cot', {}).get('accuracy'))}  {pct(auto.get('selection_accuracy'))} |"
+          f"       {auto.get('calls_per_problem', 0):4.2f}  {code.get('calls_per_problem', 0):4.2f} | "
+          + " ".join(pct(by_family.get(f, {}).get("code_rate"), 10) for f in families))
 print(f"wrote {os.path.join(run, 'summary.json')}")
 EOF
+# runs/$NAME/report.html and report.md: the same numbers as plots and tables, with s* per family and the stage times.
+$PYTHON report.py "$RUN" || echo "em.sh: report.py failed; the run itself is complete" >&2
 echo "em.sh: finished in $((SECONDS - START)) s (this invocation)"

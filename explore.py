@@ -3,23 +3,31 @@ The E-step, part 1: self-exploration.
 
 The model cannot learn when to code from its own unguided samples alone: a model that seldom codes
 unprompted seldom finds out where code would have helped. So for every query x we draw rollouts of
-three kinds (DESIGN.md §1):
+three kinds (README, How it works):
 
     K guided to code   y ~ π(·|x, code)   the samples behind Q(x, code) = E[r(y)]
     K guided to CoT    y ~ π(·|x, cot)    the samples behind Q(x, cot)
     K native           y ~ π(·|x)         the samples behind π(c|x), the model's own propensity
 
 Each rollout is generated with the sandbox as the tool (code runs mid-generation), graded against
-the gold answer, and written as one JSONL record; synthesize.py turns them into training data.
+the gold answer, and written as one JSONL record; synthesize.py turns them into training data. Each
+record names the distribution its tokens were drawn from (temperature, top_p, top_k): its behaviour
+log-probs are log-probs under that distribution, and train.py evaluates π_θ at the same temperature.
 
     python explore.py --model=DIR --queries=FILE --out=rollouts.jsonl [--k=4] [--modes=code,cot,auto]
-           [--temperature=1.0] [--batch_size=384] [--seed=0] ...
+           [--temperature=1.0] [--top_p=1.0] [--top_k=0] [--dtype=auto] [--batch_size=384] [--seed=0] ...
 
 Resumable: records go to OUT.partial, one flushed line each; a rerun skips the ids already there
 and draws only the missing (query_id, mode, k). Each row's seed is a hash of (--seed, query id,
 mode, k), and a row's tokens depend only on its prompt and its seed, so a rerun draws exactly the
 rollouts the killed run would have. Complete, the file is renamed to OUT; the hyperparameters are in
 OUT.config.json and the per-mode summary in OUT.summary.json.
+
+On n GPUs: one process per GPU, each drawing the queries of index i mod n into OUT.shard<i>of<n> (resumable
+the same way), then a merge that checks every shard finished and writes OUT as one process would have:
+
+    CUDA_VISIBLE_DEVICES=i python explore.py ... --shard=i/n      # for i in 0..n-1, side by side (em.sh: SHARDS=n)
+    python explore.py --out=rollouts.jsonl --merge=n
 """
 import functools
 import hashlib
@@ -29,7 +37,7 @@ import sys
 import time
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which otherwise steals the
-# cores that the sandbox workers need (DESIGN.md section 7).
+# cores that the sandbox workers need (their code executions run beside the sampler on the same CPUs).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
@@ -39,7 +47,8 @@ import data
 import flags
 import model as model_lib
 import sandbox
-from evaluate import CODE_OPEN, code_open_probability
+from evaluate import (CODE_OPEN, code_open_probability, merge_shards, parse_shard, read_shard_configs, shard_name,
+                      shard_owners, take_shard, write_jsonl_atomic)
 from grade import grade
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -48,9 +57,10 @@ queries = ""               # JSONL queries (problem/question + answer/solution);
 out = ""                   # rollouts JSONL; required
 k = 4                      # rollouts per query per mode (paper: 5 in v1, 8 in v3)
 modes = "code,cot,auto"    # guided to code, guided to CoT, native (autonomous)
-temperature = 1.0          # sampling temperature; the behaviour log-probs are taken under softmax(logits / T)
-top_p = 1.0                # nucleus sampling (1.0: off)
-top_k = 0                  # top-k sampling (0: off)
+temperature = 1.0          # sampling temperature; stored in every record, train.py evaluates π_θ at it
+top_p = 1.0                # nucleus sampling (1.0: off); the behaviour log-probs are those of the distribution
+                           # sampled from, softmax(logits / T) renormalised over the kept tokens
+top_k = 0                  # top-k sampling (0: off); likewise
 max_new_tokens = 192       # per rollout, injected tool output included (the embedded task's solutions are < 100)
 max_calls = 4              # code executions per rollout; then a notice, then the row ends
 batch_size = 384           # rows per generate call: all modes of batch_size / (3K) queries at once
@@ -61,9 +71,12 @@ tool_memory_mb = 1024      # address-space limit per code execution
 tool_workers = 0           # concurrent code executions (0: the sandbox's default)
 tool_cache = 1             # run each distinct program once per explore run (see cached_tool)
 p_code_open = 1            # also record the model's probability of opening a ```python block unprompted
-dtype = "fp32"             # fp32 | bf16 | fp16
+dtype = "auto"             # auto | fp32 | bf16 | fp16; auto: bf16 on CUDA, fp32 on the CPU, as evaluate.py, and
+                           # as train.py computes on CUDA (bf16 autocast), so that ρ ≈ 1 at θ = θ_b
 device = "auto"            # auto: cuda when available, else cpu
 threads = 0                # torch threads (0: torch's default)
+shard = "0/1"              # i/n: draw only the queries of index i mod n, into OUT.shard<i>of<n> (one process per GPU)
+merge = 0                  # n > 0: draw nothing, join the n finished shards of --out into OUT and OUT.summary.json
 # ----------------------------------------------------------------------------- end of hyperparameters
 
 COPIED_FIELDS = ("family", "difficulty", "level", "type")
@@ -117,8 +130,9 @@ def cached_tool(tool_timeout, tool_memory_mb, tool_workers):
 
 
 # ----------------------------------------------------------------------------- one batch of rollouts
-def explore_batch(model, tokenizer, rows, prompt_ids, args, tool):
-    """Generate, grade and build the records of one batch of rows."""
+def explore_batch(model, tokenizer, rows, prompt_ids, args, tool, p_code_open=None):
+    """Generate, grade and build the records of one batch of rows. p_code_open: {query id: the model's probability
+    of opening a code block unprompted}, or None."""
     samples = model_lib.generate(
         model, [prompt_ids[(query["id"], mode)] for query, mode, _ in rows], args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -144,9 +158,14 @@ def explore_batch(model, tokenizer, rows, prompt_ids, args, tool):
             "correct": bool(correct),
             "finish_reason": sample.finish_reason,
             "seed": row_seed(args.seed, query["id"], mode, j),
+            # The behaviour policy π_b: the distribution behaviour_logprobs are taken under. train.py evaluates
+            # π_θ at this temperature and refuses records of another one.
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
         })
-        if "p_code_open" in query:
-            record["p_code_open"] = query["p_code_open"]
+        if p_code_open:
+            record["p_code_open"] = p_code_open[query["id"]]
         records.append(record)
     return records
 
@@ -212,19 +231,68 @@ def check_resumable(out, config):
 
 
 def parse_args(argv=None):
-    args = flags.parse(__file__, globals(), argv, required=("model", "queries", "out"),
-                       choices={"dtype": ("fp32", "bf16", "fp16")})
+    args = flags.parse(__file__, globals(), argv, choices={"dtype": ("auto", "fp32", "bf16", "fp16")})
+    missing = [f"--{key}" for key in (("out",) if args.merge else ("model", "queries", "out")) if not getattr(args, key)]
+    if missing:
+        sys.exit(f"explore.py: {', '.join(missing)} required")
+    parse_shard(args.shard)    # a malformed --shard is refused before anything loads
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
         if mode not in data.MODES:
             sys.exit(f"explore.py: --modes: {mode!r} is not one of {', '.join(data.MODES)}")
     if args.temperature <= 0:
         sys.exit("explore.py: --temperature must be > 0: exploration samples (greedy rollouts would all be the same)")
+    # Resolved before the config is written: a partial file drawn in bf16 on a GPU is then never resumed in
+    # fp32 on a CPU (check_resumable compares the resolved dtype).
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
+
+
+def read_queries(path, n):
+    queries = data.read_queries(path)
+    return queries[:n] if n else queries
+
+
+def merge_run(out, n):
+    """Join the n finished shards of OUT into OUT, OUT.config.json and OUT.summary.json: what one process would have
+    written, rollout by rollout in query order."""
+    if os.path.exists(out):
+        print(f"{out} is complete; nothing to do (delete it to merge again)")
+        return
+    shards = [f"{out}.{shard_name((i, n))}" for i in range(n)]
+    config = read_shard_configs([shard + ".config.json" for shard in shards])
+    queries, modes = read_queries(config["queries"], config["n"]), config["modes"].split(",")
+    owner = shard_owners(queries, n, [(q["id"], rollout_id(q["id"], mode, j))
+                                      for q, mode, j in pending_rows(queries, modes, config["k"], set())])
+    records = merge_shards(shards, owner)
+    summary = summarize(records, modes)
+    shard_summaries = []
+    for shard in shards:
+        with open(shard + ".summary.json") as f:
+            shard_summaries.append(json.load(f))
+    executions = [s["tool_executions_this_run"] for s in shard_summaries]
+    data.write_json_atomic(out + ".summary.json", {
+        **summary,
+        "seconds_this_run": max(s["seconds_this_run"] for s in shard_summaries),   # side by side: the slowest
+        # each shard keeps its own memo: their executions add up
+        "tool_executions_this_run": None if None in executions else {key: sum(e[key] for e in executions)
+                                                                      for key in executions[0]}})
+    data.write_json_atomic(out + ".config.json", {**config, "out": out, "shard": "0/1"})
+    write_jsonl_atomic(out, records)        # last: a complete OUT means the stage is done
+    print(format_summary(summary))
+    print(f"merged {n} shards: {len(records)} rollouts to {out}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge_run(args.out, args.merge)
+    shard = parse_shard(args.shard)
+    if shard[1] > 1:           # a file of its own (and its own .partial, .config.json): a shard resumes like a run
+        args.out = f"{args.out}.{shard_name(shard)}"
     config = {**vars(args), "modes": ",".join(args.modes)}
     print("explore.py " + " ".join(f"--{key}={value}" for key, value in config.items()))
     if os.path.exists(args.out):
@@ -236,11 +304,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    queries = data.read_queries(args.queries)
-    if args.n:
-        queries = queries[:args.n]
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    queries = take_shard(read_queries(args.queries, args.n), shard)
     net, tokenizer = model_lib.load(args.model, dtype=model_lib.DTYPES[args.dtype], device=args.device)
     # The prompts of every query in every mode, and always the autonomous one: it replaces the guidance
     # in training (synthesize.py), so every record carries it.
@@ -261,14 +325,13 @@ def main(argv=None):
         opening_ids = tokenizer.encode(CODE_OPEN, add_special_tokens=False)
         with tqdm(total=len(rows), desc="explore", unit="rollout") as bar:
             for batch in chunks(rows, args.batch_size):
+                p_code_open = None
                 if args.p_code_open:
                     # Deterministic given the model and the prompt, so a resumed run recomputes the same value.
-                    batch_queries = list({query["id"]: query for query, _, _ in batch}.values())
-                    probs = code_open_probability(net, [prompt_ids[(q["id"], "auto")] for q in batch_queries],
-                                                  opening_ids)
-                    for query, prob in zip(batch_queries, probs):
-                        query["p_code_open"] = prob
-                for record in explore_batch(net, tokenizer, batch, prompt_ids, args, tool):
+                    query_ids = list(dict.fromkeys(query["id"] for query, _, _ in batch))
+                    probs = code_open_probability(net, [prompt_ids[(q, "auto")] for q in query_ids], opening_ids)
+                    p_code_open = dict(zip(query_ids, probs))
+                for record in explore_batch(net, tokenizer, batch, prompt_ids, args, tool, p_code_open):
                     out.write(record)
                 bar.update(len(batch))
     elapsed = time.time() - start

@@ -32,14 +32,15 @@ import torch.nn.functional as F
 # 1. The tool format. The model writes a ```python block, then "```output"; generation of that row pauses, the code runs,
 # and the sampler feeds tool_injection(output) to the row as forced tokens, then the row continues sampling.
 
-TOOL_TRIGGER = "```output"
+TOOL_TRIGGER = "```output"  # whitespace after it may arrive in the same token (byte-level BPE has "output\n\n")
 # What the model reads as the output of a call beyond max_calls (ToRA injects a similar notice). Asking again ends the row.
 MAX_CALLS_NOTICE = "Reached the maximum number of code executions. Continue without running code."
 
 
 def tool_injection(output: str, after_newline: bool = False) -> str:
     """The text fed after the trigger: the output and the closing fence. The leading newline is left out when the
-    model's text already ends with one (tokenizers that merge "```output\\n" into one piece)."""
+    model's text already ends with one or more, which its trigger token carried (tokenizers that merge "```output\\n"
+    or "output\\n\\n" into one piece)."""
     return ("" if after_newline else "\n") + output + "\n```\n"
 
 
@@ -301,7 +302,8 @@ class Transformer(nn.Module):
     def step(self, input_ids, cache, positions):
         """One decode step of generate(): input_ids [n,1] at positions [n] for the first n slots of cache = (k, v), each
         [layers, slots, K, capacity, hd], each row attending to the cache up to its own position. Returns the final
-        hidden states [n,1,D]."""
+        hidden states [n,1,D]. Everything it builds comes from device tensors and shapes, never from host data, so a
+        CUDA graph can hold it (StaticDecoder)."""
         x = self.embed_tokens(input_ids)
         n = input_ids.shape[0]
         _, slots, kv_heads, capacity, _ = cache[0].shape
@@ -518,8 +520,9 @@ def save(model: Transformer, tokenizer, out_dir: str):
         raise
 
 
-# The embedded preset: a character-level tokenizer and a 0.45M-parameter Llama (DESIGN.md section 5 measured that this
-# size learns the embedded task fastest on 2 CPU cores; larger models get fewer steps and learned copying before digits).
+# The embedded preset: a character-level tokenizer and a 0.45M-parameter Llama. This size learned the embedded task
+# fastest on 2 CPU cores: 1M and 3M models did worse in the same time (fewer steps, and they learned copying before
+# single-digit arithmetic).
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]   # EOS (id 0) and PAD (id 1)
 TINY_CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
 TINY_CONFIG = dict(
@@ -529,7 +532,7 @@ TINY_CONFIG = dict(
     num_attention_heads=4,
     num_key_value_heads=4,           # plain multi-head attention
     intermediate_size=256,           # SwiGLU width
-    max_position_embeddings=384,     # prompt (45-80 chars) + a worked solution fit with room to spare
+    max_position_embeddings=384,     # prompt (55-80 chars) + a worked solution fit with room to spare
     rope_theta=10000.0,
     tie_word_embeddings=True,        # the embedding is a large share of a 0.45M model; tying halves it
     eos_token_id=0,
@@ -563,7 +566,9 @@ def tiny(seed=0, dtype=torch.float32, device="cpu"):
 class Sample:
     tokens: list          # all new tokens, sampled and injected, in order (a final EOS included)
     sampled_mask: list    # 1 = sampled by the model, 0 = injected tool output
-    logprobs: list        # per token: log softmax(logits / T) of the token (log softmax(logits) when greedy); 0 if injected
+    logprobs: list        # per token: log-prob under the distribution it was drawn from, softmax(logits / T)
+                          # renormalised over the tokens top-k / top-p keep (log softmax(logits) when greedy); 0 if
+                          # injected
     text: str             # tokens decoded, EOS left out
     calls: int            # code executions
     statuses: list        # the tool's status of each execution
@@ -593,13 +598,13 @@ def gumbel_noise(seeds, positions, vocab_size):
 
 
 def choose_tokens(logits, temperature, top_k, top_p, seeds, positions):
-    """logits [B,V] fp32 -> (tokens [B], behaviour log-probs [B]). The log-prob is taken under softmax(logits / T)
-    before top-k / top-p truncation (what the trainer's importance ratio compares against)."""
+    """logits [B,V] fp32 -> (tokens [B], behaviour log-probs [B]). The log-prob is under the distribution the token was
+    drawn from: softmax(logits / T) renormalised over the tokens top-k / top-p keep, the denominator pi_b of the
+    trainer's importance ratio. Greedy (T = 0) gives log_softmax(logits)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
     scaled = logits / temperature
-    logprobs = torch.log_softmax(scaled, -1)
     filtered = scaled
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -610,10 +615,12 @@ def choose_tokens(logits, temperature, top_k, top_p, seeds, positions):
         sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
         drop = (probs.cumsum(-1) - probs) >= top_p
-        drop[:, 0] = False
+        drop[:, 0].fill_(False)  # the most likely token always stays (fill_: no tensor built from Python data)
         filtered = filtered.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     tokens = (filtered + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+    # the dropped tokens are -inf, so this renormalises over the kept ones; with nothing dropped it is exactly
+    # log_softmax(scaled), the same bits as before truncation was accounted for
+    return tokens, torch.log_softmax(filtered, -1).gather(1, tokens[:, None])[:, 0]
 
 
 @torch.inference_mode()
@@ -689,6 +696,31 @@ class KVCache:
             tensor[:, both] = tensor[:, other]
 
 
+# What encode_continuation puts before a text so that a SentencePiece tokenizer's prefix space goes to it, not to the
+# text. A newline, because Llama-2-family vocabularies have no piece holding one (it is the byte-fallback token
+# <0x0A>): the anchor's tokens never merge with the text after it.
+ENCODE_ANCHOR = "\n"
+
+
+def encode_continuation(tokenizer, text, context):
+    """Token ids that continue the token ids `context` with exactly `text`: decode(context + ids) == decode(context) +
+    text. Encoded on its own, text gets a leading "▁" (a space) from SentencePiece tokenizers (Llama 2's, with
+    add_prefix_space or legacy), text the model would never have produced. So when the plain encoding does not decode
+    to text in context, text is encoded after ENCODE_ANCHOR, which takes the prefix, and the anchor's tokens are
+    dropped. A tokenizer that defeats both gets the plain encoding: the sample's text, decoded from its tokens, then
+    shows what the model read."""
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    before = tokenizer.decode(context)
+    if tokenizer.decode(context + plain) == before + text:
+        return plain
+    anchor = tokenizer.encode(ENCODE_ANCHOR, add_special_tokens=False)
+    anchored = tokenizer.encode(ENCODE_ANCHOR + text, add_special_tokens=False)
+    rest = anchored[len(anchor):]
+    if anchored[:len(anchor)] == anchor and tokenizer.decode(context + rest) == before + text:
+        return rest
+    return plain
+
+
 @dataclass
 class _Rules:
     """What ends a row or pauses it on a tool call: generate()'s arguments, the same for every row."""
@@ -701,8 +733,9 @@ class _Rules:
     max_calls: int
 
     def __post_init__(self):
-        # the characters a row's tail must hold to end with any stop string, or with the trigger and a newline
-        self.tail_chars = max([len(s) for s in self.stop_strings] + [len(TOOL_TRIGGER) + 1 if self.has_tool else 0])
+        # the characters a row's tail must hold to end with any stop string, or with the trigger (whitespace after it
+        # comes in the trigger's own last token, so it needs no more tokens)
+        self.tail_chars = max([len(s) for s in self.stop_strings] + [len(TOOL_TRIGGER) if self.has_tool else 0])
 
 
 @dataclass
@@ -739,7 +772,10 @@ class _Row:
             tail = rules.tokenizer.decode(self.tokens[-(rules.tail_chars + TAIL_EXTRA_TOKENS):])
             if any(tail.endswith(s) for s in rules.stop_strings):
                 self.finish_reason = "stop"
-            elif rules.has_tool and (tail.endswith(TOOL_TRIGGER) or tail.endswith(TOOL_TRIGGER + "\n")):
+            # the trigger's last token may carry whitespace after it ("output\n\n"). A token of whitespace alone
+            # completes no trigger: the one it follows was complete a token earlier and was answered then
+            elif (rules.has_tool and tail.rstrip().endswith(TOOL_TRIGGER)
+                  and rules.tokenizer.decode([token]).strip()):
                 if self.calls < rules.max_calls:
                     self.waiting = True
                 elif not self.noticed:
@@ -750,7 +786,7 @@ class _Row:
         return self.waiting
 
     def inject(self, output, after_newline, tokenizer):
-        self.forced.extend(tokenizer.encode(tool_injection(output, after_newline), add_special_tokens=False))
+        self.forced.extend(encode_continuation(tokenizer, tool_injection(output, after_newline), self.tokens))
 
     def tool_returned(self, output, status, tokenizer):
         self.calls += 1
@@ -770,8 +806,10 @@ class _Slots:
     still decoding | paused or finished rows], so a step runs on the views [:n] without copying; a row changing state
     swaps slots with another (two rows copied, not the whole cache)."""
 
-    def __init__(self, rows, cache: KVCache):
-        device = cache.k.device
+    def __init__(self, rows, cache: KVCache, device=None):
+        # the per-slot state lives with the cache by default; the static path (StaticDecoder) keeps it on the host,
+        # where the rows are, and copies what a step needs into its own buffers
+        device = cache.k.device if device is None else device
         self.rows, self.cache = rows, cache
         self.row_of = list(range(len(rows)))
         # tokens of each slot's sequence, counting next_input, the chosen token not yet fed (so not yet cached)
@@ -785,7 +823,7 @@ class _Slots:
             return
         device = self.lengths.device
         ia, ib = torch.tensor(a, device=device), torch.tensor(b, device=device)
-        self.cache.swap(ia, ib)
+        self.cache.swap(ia.to(self.cache.k.device), ib.to(self.cache.k.device))
         both, other = torch.cat([ia, ib]), torch.cat([ib, ia])
         for tensor in (self.lengths, self.next_input, self.seeds):
             tensor[both] = tensor[other]
@@ -881,37 +919,218 @@ def _row_seeds(seed, B):
     return list(seed)
 
 
-@torch.inference_mode()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=None, tokenizer=None,
-             stop_strings=None, tool=None, max_calls=4, eos_token_id=None, tool_workers=4):
-    """Sample continuations of a batch of token-id prompts (different lengths welcome); returns one Sample per prompt.
-
-    temperature=0 is greedy. seed: an int (row i uses seed + i) or a list of ints, one per prompt; a row's tokens depend
-    only on its prompt and its seed (the noise is a hash of (seed, position, token id), not a shared RNG stream).
-    eos_token_id: defaults to the model's (or tokenizer's) EOS ids; an empty list never stops at EOS.
-    max_new_tokens counts every new token, injected ones included; a row also ends ("length") at the model's context.
-    Sample.logprobs holds the behaviour log-prob of each sampled token under softmax(logits / temperature), taken
-    BEFORE top-k / top-p truncation (log_softmax(logits) when greedy), and 0.0 for injected tokens.
-
-    Tools: when a row's text ends with TOOL_TRIGGER (or TOOL_TRIGGER + newline), tool(list of response texts) -> list of
-    (output, status) runs in a worker thread; the row is paused, the other rows keep decoding, and when the call returns
-    tool_injection(output) is fed to the row as forced tokens (the model's own tokens are never re-tokenized). Each
-    execution counts in .calls and adds its status. After max_calls executions, the next trigger gets MAX_CALLS_NOTICE
-    as its output (no execution, no status) and the one after that ends the row with "max_calls". An exception raised
-    by the callback is re-raised here as RuntimeError (cause chained); a callback that never returns blocks the rows
-    waiting for it, so give it a timeout (sandbox.tool has one).
-    """
-    if not prompts:
-        return []
+def _check_prompts(prompts, context, tokenizer, tool, stop_strings):
     if (tool is not None or stop_strings) and tokenizer is None:
         raise ValueError("generate: tool calls and stop strings need the tokenizer")
-    context, device = model.config.max_position_embeddings, model.embed_tokens.weight.device
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"generate: prompt {i} is empty")
         if len(prompt) > context:
             raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens, longer than the model's context of "
                              f"{context}")
+
+
+def _prefill(model, prompts, rows, slot_count, capacity, state_device):
+    """One packed forward over each distinct prompt once (explore.py draws K rollouts of every prompt in one batch, so
+    most prompts come K times); the rows sharing a prompt then copy its keys and values into a cache of slot_count
+    slots and `capacity` positions. Returns the slots (their state on state_device) and each row's last hidden
+    state, from which its first token comes."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    distinct = {}
+    copy_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    cache = KVCache(model.config, len(distinct), max(map(len, prompts)), dtype, device)
+    last = model.prefill(list(distinct), (cache.k, cache.v))[torch.tensor(copy_of, device=device)]
+    # the slots past the rows (StaticDecoder's bucket can hold more) copy prompt 0: no row reads them
+    cache.grow(capacity, torch.tensor(copy_of + [0] * (slot_count - len(rows)), device=device))
+    return _Slots(rows, cache, state_device), last
+
+
+def _first_tokens(model, slots, last, sampling, rules):
+    """Each row's first token, chosen from its prompt's last hidden state. Returns the rows that now wait."""
+    n = slots.compact()
+    if n == 0:
+        return []
+    device, state_device = last.device, slots.lengths.device
+    logits = model.lm_head(last[torch.tensor(slots.row_of[:n], device=device)])
+    # the noise is keyed by the new token's index in the sequence: lengths, before add_tokens counts it
+    tokens, logprobs = choose_tokens(logits.float(), *sampling, slots.seeds[:n].to(device),
+                                     slots.lengths[:n].to(device))
+    return slots.add_tokens(tokens.to(state_device), logprobs.to(state_device), rules)
+
+
+class GrowingDecoder:
+    """Decode steps run eagerly on exactly the rows still decoding, over a cache that grows with them (CACHE_BLOCK):
+    the CPU's default path."""
+
+    def __init__(self, model, cache: KVCache, sampling, longest):
+        self.model, self.cache, self.sampling, self.longest = model, cache, sampling, longest
+
+    def step(self, slots: _Slots, n):
+        """The first n slots each feed one token at its own position and attend to their prefix. Returns their tokens
+        and log-probs."""
+        cache = self.cache
+        cache.make_room(int(slots.lengths[:n].max()), self.longest)
+        hidden = self.model.step(slots.next_input[:n, None], (cache.k, cache.v), slots.lengths[:n] - 1)
+        logits = self.model.lm_head(hidden[:, 0])
+        # the noise is keyed by the new token's index in the sequence: lengths, before add_tokens counts it
+        return choose_tokens(logits.float(), *self.sampling, slots.seeds[:n], slots.lengths[:n])
+
+
+# The static path: a decode step with every shape fixed, so that a GPU can capture it once as a CUDA graph and replay
+# it, one launch for the whole step instead of hundreds. At the 0.5B size on a GPU the eager step is bound by Python
+# and kernel launches, not by memory (it reached 2% of the bandwidth bound). A step runs on a bucket of slots, the
+# smallest of these that holds the rows still decoding, one graph per bucket; the slots past those rows are padding.
+DECODE_BUCKETS = (8, 16, 32, 64, 128, 256)
+# Eager runs of a step before it is captured, on a side stream: a first run sets things up (cuBLAS workspaces,
+# kernel choices) that a capture cannot. Each writes what the replay then writes again, so they change nothing.
+GRAPH_WARMUP_STEPS = 2
+
+
+def decode_bucket(n):
+    """How many slots a step for n rows runs on: the smallest bucket that holds them, past the largest a multiple of
+    it."""
+    for size in DECODE_BUCKETS:
+        if n <= size:
+            return size
+    return -(-n // DECODE_BUCKETS[-1]) * DECODE_BUCKETS[-1]
+
+
+class StaticDecoder:
+    """The decode step over static buffers: the cache (on a GPU allocated at full length, so it never moves), the
+    inputs of every slot and the outputs. step() copies the inputs in from the host, runs the step on a bucket of
+    slots (replaying that bucket's CUDA graph, or eagerly: on the CPU, or with cuda_graphs=False) and brings the
+    outputs back in one small copy. The step samples too (choose_tokens' noise is a hash of device tensors, so it
+    needs no RNG state) and checks EOS and the length limit; stop strings and the tool trigger need the text, so they
+    stay on the host (_Row.add_token, on the copied tokens).
+
+    Padding slots [n, bucket) hold finished or waiting rows, or none. They feed token 0 at the cache's last position,
+    a scratch position: no row attends to another slot, and a waiting row's positions from its next one on are
+    written again before it reads them, so the scratch write costs it nothing. Their outputs are ignored."""
+
+    def __init__(self, model, cache: KVCache, rows, rules: _Rules, sampling, longest, cuda_graphs=True):
+        device = cache.k.device
+        self.model, self.cache, self.sampling, self.longest = model, cache, sampling, longest
+        self.use_graphs = cuda_graphs and device.type == "cuda"
+        slots, pinned = cache.k.shape[1], device.type == "cuda"
+        # One row per slot: the token fed, its position, the row's seed, its length limit, and the injected token it
+        # takes instead of the sampled one (-1: none). Staged on the host (pinned memory: the copy is asynchronous)
+        # and copied to the device in one piece: slots [:b] are a contiguous block.
+        self.staging = torch.zeros(slots, 5, dtype=torch.long, pin_memory=pinned)
+        self.inputs = torch.zeros(slots, 5, dtype=torch.long, device=device)
+        # each slot's token, its behaviour log-prob and its done flag; float64 holds token ids and fp32 log-probs
+        # exactly, so one copy brings all three back
+        self.outputs = torch.zeros(slots, 3, dtype=torch.float64, device=device)
+        self.host_outputs = torch.zeros(slots, 3, dtype=torch.float64, pin_memory=pinned)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.eos = torch.tensor(sorted(rules.eos), dtype=torch.long, device=device)
+        self.limits = torch.tensor([min(row.prompt_length + rules.max_new_tokens, rules.context) for row in rows])
+        self.graphs, self.pool = {}, None   # bucket -> torch.cuda.CUDAGraph, all in one memory pool
+        self.done = None
+
+    def step(self, slots: _Slots, n):
+        """One decode step for the rows in slots [:n]. Returns their tokens and log-probs (host tensors) for
+        slots.add_tokens. self.done then holds the device's verdict on each, EOS sampled or the length limit reached:
+        _Row.add_token comes to the same one on the host, where it also tests what needs the text; the flag is what a
+        loop keeping several steps on the device would mask with."""
+        b = decode_bucket(n)
+        self.cache.make_room(int(slots.lengths[:b].max()), self.longest)  # the CPU's growing cache; on a GPU a no-op
+        self._stage(slots, n, b)
+        # the last step's outputs were waited for, so its copy in is done too: the staging buffer is free again
+        self.inputs[:b].copy_(self.staging[:b], non_blocking=True)
+        if self.use_graphs:
+            self._graph(b).replay()
+        else:
+            self._forward(b)
+        self.host_outputs[:b].copy_(self.outputs[:b], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+            self.copied.synchronize()
+        tokens, logprobs, done = self.host_outputs[:n].T
+        self.done = done.bool()
+        return tokens.long(), logprobs.clone()  # copies: the buffer is the next step's
+
+    def _stage(self, slots, n, b):
+        """The inputs of slots [:b] into the staging buffer: the rows of slots [:n], padding after."""
+        staging = self.staging[:b].T  # one row per field
+        staging[0, :n] = slots.next_input[:n]
+        staging[1, :n] = slots.lengths[:n] - 1  # the input is its sequence's last token
+        staging[2, :n] = slots.seeds[:n]
+        staging[3, :n] = self.limits[slots.row_of[:n]]
+        rows = (slots.rows[r] for r in slots.row_of[:n])
+        staging[4, :n] = torch.tensor([row.forced[0] if row.forced else -1 for row in rows])
+        staging[:, n:] = torch.tensor([0, self.cache.capacity - 1, 0, 0, -1])[:, None]
+
+    def _forward(self, b):
+        """The device part of a step on slots [:b]: reads self.inputs, writes self.outputs. It reads no host data and
+        builds no shape from data (no .item(), no boolean-mask indexing): what a CUDA graph can hold."""
+        input_ids, positions, seeds, limits, forced = self.inputs[:b].T.contiguous()  # one row per field
+        hidden = self.model.step(input_ids[:, None], (self.cache.k, self.cache.v), positions)
+        logits = self.model.lm_head(hidden[:, 0]).float()
+        # the noise is keyed by the new token's index in its sequence, one past the input's
+        chosen, logprobs = choose_tokens(logits, *self.sampling, seeds, positions + 1)
+        sampled = forced < 0
+        tokens = torch.where(sampled, chosen, forced)
+        eos = sampled & (tokens[:, None] == self.eos).any(-1)
+        outputs = self.outputs[:b].T
+        outputs[0] = tokens
+        outputs[1] = torch.where(sampled, logprobs, 0.0)
+        outputs[2] = eos | (positions + 2 >= limits)  # the sequence is now position + 2 tokens long
+
+    def _graph(self, b):
+        """The CUDA graph of the step on b slots, captured at its first use (when its inputs are staged)."""
+        if b not in self.graphs:
+            # One memory pool for all buckets: what a graph keeps in it is scratch that every replay writes before
+            # reading (all it reads or leaves behind lives in the buffers above, outside the pool), so the graphs can
+            # share it and replay in any order, one at a time.
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_STEPS):
+                    self._forward(b)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._forward(b)
+            self.graphs[b] = graph
+        return self.graphs[b]
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=None, tokenizer=None,
+             stop_strings=None, tool=None, max_calls=4, eos_token_id=None, tool_workers=4, static_slots=False,
+             cuda_graphs=True):
+    """Sample continuations of a batch of token-id prompts (different lengths welcome); returns one Sample per prompt.
+
+    temperature=0 is greedy. seed: an int (row i uses seed + i) or a list of ints, one per prompt; a row's tokens depend
+    only on its prompt and its seed (the noise is a hash of (seed, position, token id), not a shared RNG stream).
+    eos_token_id: defaults to the model's (or tokenizer's) EOS ids; an empty list never stops at EOS.
+    max_new_tokens counts every new token, injected ones included; a row also ends ("length") at the model's context.
+    Sample.logprobs holds the behaviour log-prob of each sampled token under the distribution it was drawn from:
+    softmax(logits / temperature) renormalised over the tokens top-k / top-p keep (log_softmax(logits) when greedy),
+    and 0.0 for injected tokens.
+
+    Tools: when a sampled token completes TOOL_TRIGGER (whitespace after it in the same token allowed), tool(list of
+    response texts) -> list of (output, status) runs in a worker thread; the row is paused, the other rows keep
+    decoding, and when the call returns tool_injection(output) is fed to the row as forced tokens, encoded as a
+    continuation of the row (encode_continuation: no SentencePiece prefix space; the model's own tokens are never
+    re-tokenized). Injected tokens never call the tool nor stop a row. Each execution counts in .calls and adds its
+    status. After max_calls executions, the next trigger gets MAX_CALLS_NOTICE as its output (no execution, no status)
+    and the one after that ends the row with "max_calls". An exception raised by the callback is re-raised here as
+    RuntimeError (cause chained); a callback that never returns blocks the rows waiting for it, so give it a timeout
+    (sandbox.tool has one).
+
+    static_slots: decode with StaticDecoder (fixed buffers, steps on padded buckets of slots, sampling inside the step)
+    instead of the growing cache; None = on a GPU only. It is off by default everywhere for now: it is tested eagerly
+    on the CPU, but its CUDA graphs have not run on a GPU yet (no device was lent while it was written), and a
+    default must be a tested path. cuda_graphs: on a GPU, replay each bucket's step as a CUDA graph (False: run it
+    eagerly, for debugging). Every path draws the same tokens, with the same log-probs up to float rounding.
+    """
+    if not prompts:
+        return []
+    context, device = model.config.max_position_embeddings, model.embed_tokens.weight.device
+    _check_prompts(prompts, context, tokenizer, tool, stop_strings)
     rows = [_Row(len(p), s & 0xFFFFFFFF) for p, s in zip(prompts, _row_seeds(seed, len(prompts)))]
     for row in rows:  # zero room: nothing to generate
         if max_new_tokens <= 0 or row.prompt_length >= context:
@@ -920,42 +1139,31 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                    list(stop_strings or []), tool is not None, max_calls)
     longest_prompt = max(len(p) for p in prompts)
     longest = min(context, longest_prompt + max_new_tokens)  # the cache never needs more positions
+    static = device.type == "cuda" if static_slots is None else static_slots
+    sampling = (temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     tools = _ToolCalls(tool, tool_workers, tokenizer)
     try:
-        # 1. Prefill: one packed forward over each distinct prompt once (explore.py draws K rollouts of every prompt in
-        # one batch, so most prompts come K times). Each row's first token comes from its prompt's last hidden state.
-        distinct = {}
-        copy_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-        cache = KVCache(model.config, len(distinct), longest_prompt, model.embed_tokens.weight.dtype, device)
-        last = model.prefill(list(distinct), (cache.k, cache.v))[copy_of]
-        # 2. The rows sharing a prompt copy its keys and values; room for the first CACHE_BLOCK new tokens.
-        cache.grow(min(longest, longest_prompt + CACHE_BLOCK), copy_of)
-        slots = _Slots(rows, cache)
-        n = slots.compact()
-        if n:
-            logits = model.lm_head(last[torch.tensor(slots.row_of[:n], device=device)])
-            # the noise is keyed by the new token's index in the sequence: lengths, before add_tokens counts it
-            tokens, logprobs = choose_tokens(logits.float(), temperature, top_k, top_p,
-                                             slots.seeds[:n], slots.lengths[:n])
-            tools.submit(slots.add_tokens(tokens, logprobs, rules))
-        # 3. Decode until no row decodes and no tool call is out.
+        # A graph's buffers never move, so on a GPU the static path's cache holds the longest sequence from the start;
+        # otherwise it grows, with room for the first CACHE_BLOCK new tokens to begin with.
+        capacity = longest if static and device.type == "cuda" else min(longest, longest_prompt + CACHE_BLOCK)
+        slot_count = decode_bucket(len(rows)) if static else len(rows)
+        slots, last = _prefill(model, prompts, rows, slot_count, capacity, "cpu" if static else device)
+        if static:
+            decoder = StaticDecoder(model, slots.cache, rows, rules, sampling, longest, cuda_graphs)
+        else:
+            decoder = GrowingDecoder(model, slots.cache, sampling, longest)
+        tools.submit(_first_tokens(model, slots, last, sampling, rules))
+        # Decode until no row decodes and no tool call is out.
         while True:
             n = slots.compact()
             if n == 0 and not tools.pending:
                 break
             tools.collect(block=(n == 0))  # nothing else to do: wait for a call to return
             n = slots.compact()
-            if n == 0:
-                continue
-            cache.make_room(int(slots.lengths[:n].max()), longest)
-            # one decode step for the first n slots: each feeds one token at its own position, attends to its prefix
-            hidden = model.step(slots.next_input[:n, None], (cache.k, cache.v), slots.lengths[:n] - 1)
-            logits = model.lm_head(hidden[:, 0])
-            tokens, logprobs = choose_tokens(logits.float(), temperature, top_k, top_p,
-                                             slots.seeds[:n], slots.lengths[:n])
-            tools.submit(slots.add_tokens(tokens, logprobs, rules))
+            if n:
+                tools.submit(slots.add_tokens(*decoder.step(slots, n), rules))
     finally:
         tools.close()
         model.train(was_training)

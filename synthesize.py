@@ -4,18 +4,20 @@ The E-step, part 2: from explored rollouts to the M-step's training data.
 explore.py drew, for every query x, K rollouts guided to code, K guided to CoT and K native
 (unguided) ones, and graded them. This file turns them into training records, query by query:
 
-  1. Q(x,c)   how good method c is on x: the mean reward of the rollouts guided to c, with a small
+  1. π(c|x)   how often the model picks c by itself: the share of its native (autonomous) rollouts
+              that ran code, smoothed so that "never in K samples" is not "impossible";
+  2. Q(x,c)   how good method c is on x: the mean reward of the rollouts guided to c, with a small
               cost per code execution, so that "as good as code" means "prefer CoT";
-  2. π(c|x)   how often the model picks c by itself: the share of its native rollouts that ran code,
-              smoothed so that "never in K samples" is not "impossible";
-  3. s*(c|x)  the reference strategy, the posterior that makes the ELBO of DESIGN.md §1 tight,
+  3. s*(c|x)  the reference strategy: the posterior s* ∝ π·Q, which makes the bound
+              log P(r=1|x) ≥ E_{c~s}[log Q(x,c)] − KL(s ‖ π) tight (README, How it works),
               or its tempered / argmax forms;
   4. draw M training rollouts for x from the guided pools with weights s*(c|x);
   5. whiten their rewards into advantages within the query's group;
   6. strip the guidance: every training prompt is the AUTONOMOUS prompt, so the model learns to
      make by itself the choice the guidance made for it. The behaviour log-probs stay those of the
-     guided prompt that really produced the tokens: train.py's importance ratio is taken against
-     them (off-policy, DESIGN.md §1 M-step).
+     guided prompt that really produced the tokens, with the sampling settings they were drawn
+     under (temperature, top_p, top_k): train.py's importance ratio is taken against them
+     (off-policy on purpose, README, The M-step).
 
     python synthesize.py --rollouts=rollouts.jsonl --out=train.jsonl [--strategy=em|rl|sft]
            [--form=posterior|tempered|argmax] [--alpha=10] [--code_cost=0.05] [--reflect=1 --model=DIR]
@@ -40,9 +42,11 @@ from data import iter_jsonl, write_json_atomic
 rollouts = ""            # explore.py's output; required
 out = ""                 # training records (JSONL) for train.py; required
 strategy = "em"          # em: the paper (guided pools weighted by s*); rl: RL-only ablation (native
-                         # rollouts, no reference strategy); sft: SFT-only ablation (D_s*, correct only)
-form = "tempered"        # posterior: s* ∝ π·Q (exact E-step); tempered: s* ∝ exp(α·π·Q) (the paper);
-                         # argmax: the α = ∞ limit (paper v1)
+                         # rollouts, no reference strategy, no λ term: its records say sft=false);
+                         # sft: SFT-only ablation (D_s*, correct only)
+form = "argmax"          # posterior: s* ∝ π·Q (exact E-step); tempered: s* ∝ exp(α·π·Q) (the paper);
+                         # argmax: the α = ∞ limit (paper v1), what the demo uses: the softer forms keep the
+                         # model's own π where both methods succeed (README, The EM loop)
 alpha = 10.0             # inverse temperature of the tempered form; π·Q lies in [0,1], so a gap of
                          # 0.3 in π·Q is a factor e^3 ≈ 20 between the methods
 code_cost = 0.05         # reward subtracted per code execution inside Q(x,code): ties go to CoT
@@ -50,8 +54,10 @@ pi_source = "samples"    # samples: π(code|x) from the native rollouts; prob: f
                          # of opening a ```python block (explore.py's p_code_open)
 pi_prior = 1.0           # pseudo-count a per method: π(code|x) = (n_code + a) / (K + 2a); a = 1 is
                          # Laplace's rule of succession (0 of 4 → 1/6, 4 of 4 → 5/6)
-samples_per_query = 0    # M: training rollouts drawn per query from the guided pools with weights s*
-                         # (0: K, the size of one guided pool; more than K cannot be drawn without repeats)
+samples_per_query = 0    # M: training rollouts per query, drawn from the guided pools with weights s*
+                         # (rl: drawn at random from the native group). 0: K, the size of one guided pool
+                         # (more cannot be drawn without repeats); a file with no guided pools (em.sh's
+                         # RL-only draws 3K native rollouts, EM's budget) gets K = its native rollouts / 3
 adv_eps = 1e-6           # in A = (r − mean) / (std + eps)
 reflect = 0              # self-reflective examples per query (paper v1); 0 = off. Needs --model
 hint_to_code = "\nThis may be wrong. Let me use python.\n"     # between a failed CoT and a code retry
@@ -66,6 +72,9 @@ GUIDED_MODES = {"code": "code", "cot": "cot"}   # method → the explore mode wh
 NATIVE_MODE = "auto"
 REQUIRED = ("id", "query_id", "mode", "response_ids", "sampled_mask", "behaviour_logprobs", "calls",
             "correct")
+# The behaviour policy's sampling settings, copied from rollout to training record: train.py evaluates π_θ at
+# the records' temperature (None: a rollout file older than these fields; train.py then needs --temperature).
+SAMPLING = ("temperature", "top_p", "top_k")
 
 
 # ----------------------------------------------------------------------------- reading rollouts
@@ -92,14 +101,17 @@ def read_rollouts(path):
 
 
 def method_of(rollout):
-    """What a response actually did: code if it ran at least one block (DESIGN.md's code rate)."""
+    """What a response actually did: code if it ran at least one block (what every stage's code rate counts)."""
     return "code" if rollout["calls"] > 0 else "cot"
 
 
 # ----------------------------------------------------------------------------- the E-step estimates
 def estimate_q(pool, code_cost):
     """Q(x,c) = E_{y~π(·|x,c)}[ r(y) ] by Monte Carlo over the K rollouts guided to c, each reward
-    lowered by code_cost per execution: where both methods always succeed, Q(x,code) < Q(x,cot)."""
+    lowered by code_cost per execution: where both methods always succeed, Q(x,code) < Q(x,cot).
+    The pools are split by the guided PROMPT, so Q is the value of asking for c; a CoT-guided rollout
+    that ran code anyway still counts in Q(x,cot) (and pays the cost), while method_of, π and the
+    training records go by what a response actually did."""
     if not pool:
         return 0.0
     return sum(float(r["correct"]) - code_cost * r["calls"] for r in pool) / len(pool)
@@ -118,7 +130,7 @@ def estimate_pi(native, prior):
 
 
 def reference_strategy(pi, q, form, alpha):
-    """s*(c|x), the reference strategy (DESIGN.md §1), as {"code": p, "cot": 1 − p}."""
+    """s*(c|x), the reference strategy (README, How it works), as {"code": p, "cot": 1 − p}."""
     score = {c: pi[c] * q[c] for c in METHODS}
     if form == "posterior":
         # s*(c|x) ∝ π(c|x)·Q(x,c): the ELBO is tight here. A cost-lowered Q below 0 counts as 0.
@@ -155,6 +167,8 @@ def whiten(rewards, eps):
     n = len(rewards)
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
+    if std == 0:
+        return [0.0] * n          # also with eps = 0: the zero-variance group's A = 0, not 0 / 0
     return [(r - mean) / (std + eps) for r in rewards]
 
 
@@ -177,6 +191,7 @@ def training_record(rollout, advantage, sft):
         "advantage": advantage,
         "sft": sft,
         "reward": float(rollout["correct"]),
+        **{key: rollout.get(key) for key in SAMPLING},       # the π_b of behaviour_logprobs
     }
 
 
@@ -202,6 +217,7 @@ def reflective_record(failed, success, hint_ids):
         "advantage": 0.0,
         "sft": True,
         "reward": 1.0,
+        **{key: success.get(key) for key in SAMPLING},
     }
 
 
@@ -215,7 +231,15 @@ class QueryResult:
     q: dict | None = None                  # Q(x,c) per method
     s_star_code: dict = field(default_factory=dict)   # s*(code|x) per form (absent: unsolved query)
     group: str = ""                        # mixed | all_correct | all_wrong | unsolved
+    m: int = 0                             # M, the training rollouts the query may contribute
     records: list = field(default_factory=list)
+
+
+def default_m(pools, native):
+    """M = K, the size of one guided pool: the rollouts per method that explore.py drew. A file with no guided pools
+    is RL-only's, which spends the same explore budget (K + K + K) on 3K native rollouts: K = its natives / 3. So
+    both strategies train on M = K records per query, and at the same epochs on the same number of steps."""
+    return max(len(pools["code"]), len(pools["cot"])) or max(1, len(native) // 3)
 
 
 def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_prior, m, eps, rng,
@@ -246,22 +270,25 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
         if solved:
             result.s_star_code = {f: reference_strategy(pi, result.q, f, alpha)["code"] for f in FORMS}
 
+    result.m = m or default_m(pools, native)
     if strategy == "rl":
-        # RL-only ablation: the model's own K native rollouts are the group; no reference strategy.
+        # RL-only ablation: the model's own native rollouts are the group; no reference strategy.
         group = native
     elif not solved:
         result.group = "unsolved"             # no guided rollout succeeded: s* has nothing to point at
         return result
     else:
         s_star = reference_strategy(pi, result.q, form, alpha)
-        group = subsample(pools, s_star, m or max(len(pools["code"]), len(pools["cot"])), rng)
+        group = subsample(pools, s_star, result.m, rng)
     if not group:
         result.group = "unsolved"
         return result
 
     rewards = [float(r["correct"]) for r in group]
     if all(rewards):
-        result.group = "all_correct"          # A = 0, but every sample still counts in the λ term
+        result.group = "all_correct"          # A = 0, but every sample still counts in the λ term (not in rl)
+        if strategy == "rl":
+            return result                     # A = 0 and no λ term: no term of L(θ) would touch them
     elif not any(rewards):
         result.group = "all_wrong"            # nothing to imitate and nothing to compare: dropped
         return result
@@ -269,16 +296,24 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
         result.group = "mixed"
     advantages = whiten(rewards, eps)
 
+    if strategy == "rl":
+        # The advantages are whitened over the whole native group (3K samples: the best baseline there is), but
+        # only M of its records, drawn at random, are kept: EM trains on M per query, and the ablation must not
+        # get 3x its M-step. sft=false: RL-only has no D_s*, so no λ term, whatever train.py's --sft_weight.
+        kept = sorted(rng.sample(range(len(group)), min(result.m, len(group))))
+        result.records = [training_record(group[i], advantages[i], False) for i in kept]
+        return result
+
     for rollout, advantage in zip(group, advantages):
         if strategy == "sft":
             # SFT-only ablation: the reference strategy's correct samples, λ term only.
             if rollout["correct"]:
                 result.records.append(training_record(rollout, 0.0, True))
         else:
-            # em / rl: the RL term with A, and the λ likelihood term on correct samples (y ∈ D_s*, r=1).
+            # em: the RL term with A, and the λ likelihood term on correct samples (y ∈ D_s*, r=1).
             result.records.append(training_record(rollout, advantage, bool(rollout["correct"])))
 
-    if reflect and strategy != "rl":
+    if reflect:
         # The method s* prefers is the retry; a failed attempt with the other method is the context.
         target = "code" if s_star["code"] > s_star["cot"] else "cot"
         other = "cot" if target == "code" else "code"
@@ -303,7 +338,9 @@ def summarize(results, strategy, form):
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    summary = {"strategy": strategy, "form": form, "by_family": {}}
+    # M per query (one value unless pools differ in size): with the queries kept, what sets the M-step's length.
+    summary = {"strategy": strategy, "form": form, "samples_per_query": sorted({r.m for r in results if r.m}),
+               "by_family": {}}
     for family in sorted(families, key=lambda f: (f == "all", f)):
         group = families[family]
         solved = [r for r in group if r.s_star_code]
@@ -333,17 +370,20 @@ def summarize(results, strategy, form):
 def format_table(summary):
     def pct(v):
         return "-" if v is None else str(round(100 * v) + 0)     # + 0: no "-0"
-    lines = [f"strategy={summary['strategy']} form={summary['form']}. In %: own code = native rollouts that ran "
-             f"code; s*(code) = mean of s*(code|x) / share of queries with s*(code|x) > 1/2, over solved queries",
+    m = "/".join(str(v) for v in summary["samples_per_query"]) or "-"
+    lines = [f"strategy={summary['strategy']} form={summary['form']} M={m} per query. In %: own code = native "
+             f"rollouts that ran code; s*(code) = mean of s*(code|x) / share of queries with s*(code|x) > 1/2, over "
+             f"solved queries. kept: training records, λ: those in the λ term (sft)",
              f"{'family':<12}{'n':>5}{'own code':>9}{'π(code)':>8}{'Q(code)':>8}{'Q(cot)':>7}   "
-             f"{'s* posterior':>12}{'tempered':>10}{'argmax':>8}   {'kept':>5}{'code':>5}{'allok':>6}{'allbad':>7}"
-             f"{'unsolved':>9}"]
+             f"{'s* posterior':>12}{'tempered':>10}{'argmax':>8}   {'kept':>5}{'λ':>5}{'code':>5}{'allok':>6}"
+             f"{'allbad':>7}{'unsolved':>9}"]
     for family, row in summary["by_family"].items():
         share, queries = row["strategy_code_share"], row["queries_to_code"]
         forms = [f"{pct(share[f])}/{pct(queries[f])}" for f in FORMS]
         lines.append(f"{family:<12}{row['queries']:>5}{pct(row['unguided_code_share']):>9}{pct(row['pi_code']):>8}"
                      f"{pct(row['q_code']):>8}{pct(row['q_cot']):>7}   {forms[0]:>12}{forms[1]:>10}{forms[2]:>8}   "
-                     f"{row['examples']:>5}{pct(row['examples_code_share']):>5}{row['groups_all_correct']:>6}"
+                     f"{row['examples']:>5}{row['sft_examples']:>5}{pct(row['examples_code_share']):>5}"
+                     f"{row['groups_all_correct']:>6}"
                      f"{row['groups_all_wrong']:>7}{row['queries_unsolved']:>9}")
     return "\n".join(lines)
 
@@ -398,6 +438,9 @@ def main(argv=None):
             for record in res.records:
                 f.write(json.dumps(record) + "\n")
     summary = summarize(results, args.strategy, args.form)
+    # The sampling settings the rollouts were drawn under (one, unless files were mixed: train.py refuses that)
+    summary["behaviour_sampling"] = [dict(zip(SAMPLING, values)) for values in
+                                     sorted({tuple(r.get(key) for key in SAMPLING) for r in rollouts}, key=str)]
     summary["config"] = config
     write_json_atomic(args.out + ".summary.json", summary)
     os.replace(partial, args.out)

@@ -1,17 +1,31 @@
 """
 train.py: the M-step of EM, and the supervised warm start.
 
-The M-step (DESIGN.md section 1) moves the model toward the reference strategy s* that the E-step
-found, with an off-policy objective over the synthesized rollouts:
+The M-step moves the model toward the reference strategy s* that the E-step found (README, The
+M-step), with an off-policy objective over the synthesized rollouts. m_step_loss computes, for one
+optimizer step,
 
-    L(θ) = − E[ clip(π_θ(y|x) / π_b(y|x_guided), 1−ε, 1+ε) · A ]  −  λ · E_{y ∈ D_s*, r=1}[ log π_θ(y|x) ]
+    L(θ) = −(1/N) Σ_t [ g(ρ_t, A_t) + λ·s_t·log π_θ(y_t | x, y_<t) ]
 
-x is the AUTONOMOUS prompt (synthesize.py stripped the guidance), π_b the policy that sampled y
-from the guided prompt (its log-probs are stored per token), A the whitened advantage of the
-rollout in its query's group. m_step_loss implements it token by token, with PPO's min form of the
-clipped term and one mean over all trainable tokens (the reasons are at the lines). The supervised
-mode is the λ term alone with λ = 1: the warm start (teacher solutions of the embedded task) and
-the paper's SFT-only ablation (records from a file).
+    ρ_t     = exp( log π_θ(y_t | x, y_<t) − log π_b(y_t | x_guided, y_<t) )   one ratio per token
+    g(ρ, A) = min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)                               for A ≥ 0   (PPO's min form)
+    g(ρ, A) = max(min(ρ·A, clip(ρ, 1−ε, 1+ε)·A), c·A)                     for A < 0   (dual clip; c = 0: off)
+
+t runs over the trainable tokens of every sequence of the step, all micro-batches and all ranks
+(the response tokens the model sampled: never the prompt, injected tool output or padding), and N
+is their number: one mean over the step's tokens, not one per sequence. x is the AUTONOMOUS prompt
+(synthesize.py stripped the guidance); π_b the distribution that sampled y_t from the guided prompt,
+whose log-probs the records carry (softmax(logits/T) as truncated by the records' top_p / top_k);
+π_θ is softmax(logits/T) at the records' temperature T, untruncated; A_t the whitened advantage of
+t's rollout within its query's group; s_t = 1 when t's record has sft=true (a correct sample of
+D_s*), else 0, so the λ term is λ·Σ_{s_t=1} log π_θ / N. ε = --clip_eps, c = --dual_clip,
+λ = --sft_weight. The reasons for each choice are at the lines of m_step_loss.
+
+The supervised mode is the same sum with g = 0, λ = 1 and s_t = 1 for every token,
+−(1/N) Σ_t log π_θ(y_t | x, y_<t): the warm start (teacher solutions of the embedded task, at T = 1)
+and the paper's SFT-only ablation (records from a file, at their T). A sequence longer than the
+context (or --max_len) is dropped and counted, never cut: a cut response would be trained on
+without its end.
 
     python train.py                                                  # warm start of the tiny preset
     python train.py --mode=rl --init=DIR --data=train.jsonl --out=DIR   # the M-step
@@ -36,7 +50,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import flags
-from data import encode_prompt, make_problems, read_jsonl, teacher_solution, tokenize_response
+from data import CODE_FAILS_FAMILIES, encode_prompt, iter_jsonl, make_problems, teacher_solution, tokenize_response
 from model import fused_logprobs, load as load_checkpoint, save as save_checkpoint
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -47,12 +61,13 @@ init = "tiny"            # where θ starts: an HF checkpoint dir, or "tiny" (a f
 data = ""                # training records JSONL (synthesize.py); empty = the embedded task's teacher solutions
 out = "runs/warmstart"   # checkpoint dir written at the end (HF format, atomically), with train_config.json and train_log.jsonl
 # the embedded warm start (used when --data is empty)
-n_train = 20000          # problems drawn by data.make_problems(split="train"); each gives one example
+n_train = 30000          # problems drawn by data.make_problems(split="train"); each gives one example
 mode_weights = "1,2,1"   # how often a problem is posed with the code, cot and auto prompt
                          # (CoT twice as often: digit-level CoT is what the tiny model learns slowest)
-auto_code_frac = 0.15    # share of auto prompts answered with the code solution (else CoT), whatever the family
-steps = 2800             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
-                         # (~100-120 ms a step on 2 cores: the 5-minute budget; 2,000 left easy CoT at 22-42%)
+auto_code_frac = 0.15    # share of auto prompts answered with the code solution (else CoT), in most families
+habit_code_frac = 0.9    # the same share on data.CODE_FAILS_FAMILIES: the coder's habit EM has to unlearn
+steps = 3600             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
+                         # (~100-120 ms a step on 2 cores; 2,800 left easy CoT at 63-86% with five families)
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)
@@ -65,14 +80,16 @@ weight_decay = 0.0       # AdamW decoupled weight decay on matrices (not on norm
 beta1 = 0.9              # AdamW β1
 beta2 = 0.95             # AdamW β2
 grad_clip = 1.0          # clip the global gradient norm to this (0 = off)
-max_len = 0              # truncate sequences to this many tokens; 0 = the model's context
+max_len = 0              # drop (and count) sequences longer than this many tokens; 0 = the model's context
 length_window = 0        # W > 0: batch by similar length within windows of W batches; 0 = random batches
                          # (W = 32 pads less and steps ~1.6x faster, but same-length batches are same-family
                          # batches: the warm start's forced CoT on add_sub fell from 99% to 77%)
 # the M-step objective
 clip_eps = 0.2           # ε of the clipped ratio (the paper's clip range [0.8, 1.2])
+dual_clip = 3.0          # c: with A < 0 the policy term is at least c·A (Ye et al. 2020); 0 = off, else ≥ 1 + ε
 sft_weight = 1.0         # λ: weight of the log-likelihood of the reference strategy's correct samples (records with sft=true)
-temperature = 1.0        # the rollouts' sampling temperature: π_θ is evaluated at the temperature π_b sampled at
+temperature = 0.0        # T of π_θ (ratio and λ term); 0 = the records' own (explore.py stores it), and 1 for
+                         # the warm start. Given explicitly, records sampled at another T (or at mixed T) are refused
 # mechanics
 chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buffer: rows x a vocabulary tile)
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
@@ -85,6 +102,11 @@ def parse_args(argv=None):
     args = flags.parse(__file__, globals(), argv, choices={"mode": ("sft", "rl")})
     if args.mode == "rl" and not args.data:
         sys.exit("--mode=rl needs --data=train.jsonl (synthesize.py's output)")
+    if args.dual_clip and args.dual_clip < 1 + args.clip_eps:
+        sys.exit(f"--dual_clip={args.dual_clip}: c must be ≥ 1 + ε = {1 + args.clip_eps} (a smaller c would bound "
+                 f"ρ·A inside the clip range), or 0 for off")
+    if args.temperature < 0:
+        sys.exit(f"--temperature={args.temperature}: must be > 0, or 0 for the records' own")
     return args
 
 
@@ -115,28 +137,64 @@ def warmstart_examples(tokenizer, args):
         prompt_mode = rng.choices(("code", "cot", "auto"), weights)[0]
         style = prompt_mode
         if prompt_mode == "auto":
-            style = "code" if rng.random() < args.auto_code_frac else "cot"
-        ids, trainable = tokenize_response(tokenizer, teacher_solution(record, style))
+            code_frac = args.habit_code_frac if record["family"] in CODE_FAILS_FAMILIES else args.auto_code_frac
+            style = "code" if rng.random() < code_frac else "cot"
+        prompt_ids = encode_prompt(tokenizer, record["problem"], prompt_mode)
+        ids, trainable = tokenize_response(tokenizer, teacher_solution(record, style), prompt_ids)
         # The EOS is trained too: the model must learn to stop after \boxed{}.
         ids, trainable = ids + [tokenizer.eos_token_id], trainable + [1]
-        examples.append(example(encode_prompt(tokenizer, record["problem"], prompt_mode),
-                                ids, trainable, [0.0] * len(ids), 0.0, True))
+        examples.append(example(prompt_ids, ids, trainable, [0.0] * len(ids), 0.0, True))
     return examples
 
 
-def record_examples(path, args):
+def record_examples(records, mode):
     """Training records of synthesize.py. Their response_ids are the sampler's own tokens (EOS
     included when it was emitted), so nothing is re-tokenized or appended."""
     examples = []
-    for r in read_jsonl(path):
-        if args.mode == "sft" and not r.get("sft", True):
+    for r in records:
+        if mode == "sft" and not r.get("sft", True):
             continue  # SFT trains on the samples meant for the likelihood term only
-        if args.mode == "rl" and r["advantage"] == 0 and not r["sft"]:
+        if mode == "rl" and r["advantage"] == 0 and not r["sft"]:
             continue  # no term of L(θ) touches it: skipping saves compute, changes nothing else
         examples.append(example(r["prompt_ids"], r["response_ids"], r["trainable_mask"],
-                                r["behaviour_logprobs"], r["advantage"] if args.mode == "rl" else 0.0,
-                                r["sft"] if args.mode == "rl" else True))
+                                r["behaviour_logprobs"], r["advantage"] if mode == "rl" else 0.0,
+                                r["sft"] if mode == "rl" else True))
     return examples
+
+
+def behaviour_policy(path, lines, requested):
+    """(T, sampling): the temperature π_θ is evaluated at, and the sampling settings of π_b that the records
+    carry (the sorted distinct values of each), for the config. lines: [(line number, record)]; requested:
+    --temperature, 0 for the records' own. The records' behaviour log-probs are log π_b at their temperature,
+    so a ratio against π_θ at any other T is biased on every token: such records are refused, not trained."""
+    first_line = {}
+    for line, r in lines:
+        first_line.setdefault(r.get("temperature"), line)
+    sampling = {key: sorted({r.get(key) for _, r in lines}, key=str) for key in ("temperature", "top_p", "top_k")}
+    found = sorted(t for t in first_line if t is not None)
+    if len(found) > 1:
+        where = ", ".join(f"{t} (line {first_line[t]})" for t in found)
+        sys.exit(f"{path}: records sampled at different temperatures: {where}. The ratio evaluates π_θ at one "
+                 f"temperature: train on the records of one exploration at a time")
+    if requested > 0:
+        if found and found[0] != requested:
+            sys.exit(f"{path}:{first_line[found[0]]}: records sampled at temperature {found[0]}, but "
+                     f"--temperature={requested}: the ratio would compare π_θ at T={requested} with π_b at "
+                     f"T={found[0]}. Leave --temperature at 0 (the records' own) or pass {found[0]}")
+        return requested, sampling
+    if None in first_line:
+        sys.exit(f"{path}:{first_line[None]}: a record without its sampling temperature (written before "
+                 f"explore.py stored it): pass --temperature=T, the temperature its rollouts were drawn at")
+    return (found[0] if found else 1.0), sampling
+
+
+def drop_too_long(examples, max_len):
+    """(the examples of at most max_len tokens, how many were longer). A longer one is dropped, never cut: a cut
+    response is trained on without its end (the \\boxed{} answer, the EOS). The sampler keeps prompt + response
+    within the context, but training puts the autonomous prompt before the response, and it can be longer
+    than the guided prompt that sampled it."""
+    kept = [e for e in examples if len(e["input_ids"]) <= max_len]
+    return kept, len(examples) - len(kept)
 
 
 def batches(examples, batch_size, rng, window=0):
@@ -157,12 +215,13 @@ def batches(examples, batch_size, rng, window=0):
         yield from epoch
 
 
-def collate(batch, max_len, pad_id, device):
+def collate(batch, pad_id, device):
     """Right-padded tensors [B,T]. Causal attention means padding after a sequence never affects
-    it, so no attention mask is needed; padding is simply never trainable."""
-    length = min(max(len(e["input_ids"]) for e in batch), max_len)
+    it, so no attention mask is needed; padding is simply never trainable. Nothing is cut here:
+    drop_too_long already removed what does not fit."""
+    length = max(len(e["input_ids"]) for e in batch)
     def pad(key, value, dtype):
-        rows = [e[key][:length] + [value] * (length - len(e[key][:length])) for e in batch]
+        rows = [e[key] + [value] * (length - len(e[key])) for e in batch]
         return torch.tensor(rows, dtype=dtype, device=device)
     return {
         "input_ids": pad("input_ids", pad_id, torch.long),
@@ -190,23 +249,34 @@ def token_logprobs(model, lm_weight, batch, temperature=1.0, chunk_size=256):
                               temperature=temperature, return_entropy=True)
 
 
-def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_eps=0.2, sft_weight=1.0):
-    """L(θ) of DESIGN.md section 1 on N trainable tokens (all arguments [N], sft a bool mask),
-    summed and divided by n_tokens, the number of trainable tokens in the whole optimizer step
-    (all micro-batches and ranks), so that accumulation and data parallelism give the same
-    gradient as one big batch. Returns (loss, stats)."""
-    # The ratio is token-wise, π_θ(y_t|x,y_<t) / π_b(y_t|x_guided,y_<t): a sequence-level ratio is a
-    # product of hundreds of factors and would leave the clip range on almost every rollout.
+def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_eps=0.2, sft_weight=1.0,
+                dual_clip=3.0):
+    """L(θ) of the module docstring on N trainable tokens (all arguments [N], sft a bool mask):
+    −Σ_t [g(ρ_t, A_t) + λ·s_t·log π_θ(y_t)] / n_tokens, n_tokens the number of trainable tokens in the
+    whole optimizer step (all micro-batches and ranks), so that accumulation and data parallelism give
+    the same gradient as one big batch. Returns (loss, stats)."""
+    # The ratio is token-wise, ρ_t = π_θ(y_t|x,y_<t) / π_b(y_t|x_guided,y_<t): a sequence-level ratio is a
+    # product of hundreds of factors and would leave the clip range on almost every rollout. π_b is the
+    # distribution the token was actually drawn from: softmax(logits/T) of the guided prompt, renormalised over
+    # the tokens top_p / top_k kept (the records carry both). π_θ is the untruncated softmax(logits/T), so with
+    # truncation ρ_t = kept mass ≤ 1 at θ = θ_b, and that is the correct importance weight for π_θ.
+    behaviour_logprobs = behaviour_logprobs.detach()   # π_b is data: no gradient flows into it
     ratio = torch.exp(logprobs - behaviour_logprobs)
     clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    # PPO's pessimistic min(r·A, clip(r)·A) rather than the plain clip(r)·A of the formula: with
-    # the plain clip, the gradient vanishes outside [1−ε, 1+ε] whatever the sign of A. That matters
-    # here from the first step, since the guidance was stripped: a code rollout on a hard problem
-    # (A > 0) typically has r ≪ 1 on its first tokens (the autonomous prompt rarely opens a code
-    # block), and the plain clip would never raise it. The min keeps r·A where the move is not yet
-    # made (A > 0, r < 1−ε; A < 0, r > 1+ε) and stops only where it has gone far enough.
+    # PPO's pessimistic min(ρ·A, clip(ρ)·A), not the plain clip(ρ)·A: with the plain clip, the gradient
+    # vanishes outside [1−ε, 1+ε] whatever the sign of A. That matters here from the first step, since the
+    # guidance was stripped: a code rollout on a hard problem (A > 0) typically has ρ ≪ 1 on its first tokens
+    # (the autonomous prompt rarely opens a code block), and the plain clip would never raise it. The min
+    # keeps ρ·A where the move is not yet made (A > 0, ρ < 1−ε; A < 0, ρ > 1+ε) and stops only where it has
+    # gone far enough.
     policy_term = torch.minimum(ratio * advantages, clipped_ratio * advantages)
-    # The λ term: log-likelihood of the reference strategy's correct samples (sft=True).
+    if dual_clip:
+        # Dual clip (Ye et al. 2020): for A < 0 the min keeps ρ·A however large ρ grows, unbounded below, and
+        # off-policy tokens can have ρ ≫ 1 (a token the guided prompt made unlikely that the autonomous prompt
+        # makes likely): one such token would dominate the step. max(·, c·A) bounds the term at c·A, and past
+        # ρ = c it has no gradient; A ≥ 0 is untouched (there the min is already bounded by (1+ε)·A).
+        policy_term = torch.where(advantages < 0, torch.maximum(policy_term, dual_clip * advantages), policy_term)
+    # The λ term: log-likelihood of the reference strategy's correct samples (s_t = 1: sft=True).
     likelihood_term = sft_weight * logprobs * sft
     # Per-token normalisation (one mean over every trainable token of the step), not a mean per
     # sequence: the choice of method is a few tokens at the start of each response, and a
@@ -217,7 +287,9 @@ def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_ep
         stats = {
             "ratio": ratio.sum().item(),
             "clipped": ((ratio - 1).abs() > clip_eps).sum().item(),
-            # KL(π_b ‖ π_θ) per token, estimated on π_b's samples by (r − 1) − log r ≥ 0 (Schulman's k3)
+            # tokens held at c·A by the dual clip (A < 0, ρ > c)
+            "dual_clipped": ((advantages < 0) & (ratio > dual_clip)).sum().item() if dual_clip else 0,
+            # KL(π_b ‖ π_θ) per token, estimated on π_b's samples by (ρ − 1) − log ρ ≥ 0 (Schulman's k3)
             "kl": (ratio - 1 - log_ratio).sum().item(),
             "nll": -logprobs.sum().item(),
             "tokens": logprobs.numel(),
@@ -235,6 +307,20 @@ def learning_rate(step, total_steps, peak, warmup_frac, min_lr_frac):
 
 
 # -----------------------------------------------------------------------------
+
+def training_examples(args, tokenizer, max_len):
+    """(examples, the records' sampling settings or None, how many were too long). Sets args.temperature to the
+    T that π_θ is evaluated at: the records' own (see behaviour_policy), 1 for the warm start."""
+    if args.data:
+        lines = list(iter_jsonl(args.data))
+        args.temperature, sampling = behaviour_policy(args.data, lines, args.temperature)
+        examples = record_examples([r for _, r in lines], args.mode)
+    else:
+        args.temperature, sampling = args.temperature or 1.0, None
+        examples = warmstart_examples(tokenizer, args)
+    kept, too_long = drop_too_long(examples, max_len)
+    return kept, sampling, too_long
+
 
 def setup_device(requested):
     """(distributed, rank, world_size, device). Data parallel only when launched by torchrun (WORLD_SIZE
@@ -264,7 +350,7 @@ def make_optimizer(model, args, peak_lr, device):
     return optimizer, params
 
 
-def accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args, clip_eps, sft_weight,
+def accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args, clip_eps, sft_weight, dual_clip,
                          distributed, world_size, autocast):
     """Forward and backward of every micro-batch of one optimizer step; returns their summed stats."""
     step_stats = {}
@@ -276,7 +362,7 @@ def accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args
             trainable = batch["trainable"][:, 1:]
             loss, stats = m_step_loss(logprobs, batch["behaviour_logprobs"][:, 1:][trainable],
                                       batch["advantages"][:, 1:][trainable], batch["sft"][:, 1:][trainable],
-                                      n_tokens, clip_eps, sft_weight)
+                                      n_tokens, clip_eps, sft_weight, dual_clip)
         # DDP averages gradients over ranks; the loss is already normalised by the global token
         # count, so scale back up to get the sum.
         (loss * world_size).backward()
@@ -289,13 +375,15 @@ def accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args
 
 
 def log_entry(step, lr_now, step_stats, grad_norm, world_size, seconds, mode):
-    """Per-step log (this rank's tokens): loss, mean ratio, clipped fraction, KL to π_b, entropy."""
+    """Per-step log (this rank's tokens): loss, mean ratio, clipped and dual-clipped fractions, KL to π_b,
+    entropy."""
     n = max(step_stats["tokens"], 1)
     entry = {"step": step, "lr": lr_now, "loss": step_stats["loss"] * world_size, "grad_norm": grad_norm,
              "nll": step_stats["nll"] / n, "entropy": step_stats["entropy"] / n, "tokens": step_stats["tokens"],
              "tokens_per_s": step_stats["padded_tokens"] * world_size / max(seconds, 1e-9)}
     if mode == "rl":
-        entry.update(ratio=step_stats["ratio"] / n, clipped=step_stats["clipped"] / n, kl=step_stats["kl"] / n)
+        entry.update(ratio=step_stats["ratio"] / n, clipped=step_stats["clipped"] / n,
+                     dual_clipped=step_stats["dual_clipped"] / n, kl=step_stats["kl"] / n)
     return entry
 
 
@@ -306,7 +394,8 @@ def log_line(log, step, total_steps, every, mode):
     line = (f"step {step + 1}/{total_steps} lr {log[-1]['lr']:.2e} loss {mean['loss']:.4f} nll {mean['nll']:.4f} "
             f"entropy {mean['entropy']:.3f}")
     if mode == "rl":
-        line += f" ratio {mean['ratio']:.3f} clipped {mean['clipped']:.3f} kl {mean['kl']:.4f}"
+        line += (f" ratio {mean['ratio']:.3f} clipped {mean['clipped']:.3f} dual {mean['dual_clipped']:.4f}"
+                 f" kl {mean['kl']:.4f}")
     return line + f" grad {mean['grad_norm']:.2f} tok/s {mean['tokens_per_s']:.0f}"
 
 
@@ -322,12 +411,12 @@ def main(argv=None):
     max_len = args.max_len or model.config.max_position_embeddings
     peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
 
-    if args.data:
-        examples = record_examples(args.data, args)
-        total_steps = math.ceil(args.epochs * len(examples) / (args.batch_size * args.grad_accum * world_size))
-    else:
-        examples = warmstart_examples(tokenizer, args)
-        total_steps = args.steps
+    examples, sampling, too_long = training_examples(args, tokenizer, max_len)
+    if too_long and master:
+        print(f"dropped {too_long} of {len(examples) + too_long} examples longer than {max_len} tokens (prompt + "
+              f"response): a cut response would be trained on without its end")
+    total_steps = args.steps if not args.data else \
+        math.ceil(args.epochs * len(examples) / (args.batch_size * args.grad_accum * world_size))
     if not examples:
         # An E-step can find nothing to learn (e.g. every rollout wrong): the model goes on unchanged,
         # so the EM loop does not stop.
@@ -335,7 +424,8 @@ def main(argv=None):
         total_steps = 0
     if master:
         print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
-              f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}")
+              f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
+              + (f" (π_b of the records: {sampling})" if sampling else ""))
     # Each rank trains on its own shard, drawn in its own order.
     stream = batches(examples[rank::world_size] or examples, args.batch_size, random.Random(args.seed + rank),
                      args.length_window)
@@ -346,9 +436,14 @@ def main(argv=None):
         trained_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.startswith("cuda") else None)
     optimizer, params = make_optimizer(model, args, peak_lr, device)
+    # bf16 autocast on CUDA, as explore.py's default dtype samples there, so that ρ ≈ 1 at θ = θ_b. The gap that
+    # remains (the sampler runs bf16 weights end to end, this runs fp32 master weights cast per matmul, with
+    # fp32 norms and residuals) is unmeasured here (no GPU): tests/test_train.py's on-policy ratio test on CUDA
+    # measures it (mean ρ and KL at step 0 on the model's own bf16 samples).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    clip_eps, sft_weight = (args.clip_eps, args.sft_weight) if args.mode == "rl" else (0.0, 1.0)
+    clip_eps, sft_weight, dual_clip = ((args.clip_eps, args.sft_weight, args.dual_clip) if args.mode == "rl"
+                                       else (0.0, 1.0, 0.0))
 
     log, t_step = [], time.time()
     model.train()
@@ -357,13 +452,13 @@ def main(argv=None):
         lr_now = learning_rate(step, total_steps, peak_lr, args.warmup_frac, args.min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        micro_batches = [collate(next(stream), max_len, pad_id, device) for _ in range(args.grad_accum)]
+        micro_batches = [collate(next(stream), pad_id, device) for _ in range(args.grad_accum)]
         # The loss is a mean over every trainable token of the step, on every rank (see m_step_loss).
         n_tokens = torch.tensor(float(sum(b["trainable"][:, 1:].sum().item() for b in micro_batches)), device=device)
         if distributed:
             dist.all_reduce(n_tokens)
         step_stats = accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args, clip_eps,
-                                          sft_weight, distributed, world_size, autocast)
+                                          sft_weight, dual_clip, distributed, world_size, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -375,26 +470,29 @@ def main(argv=None):
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
 
     if master:
-        save_run(model, tokenizer, args, log)
+        # args.temperature is the T used (resolved from the records when the flag was 0)
+        save_run(model, tokenizer, {**vars(args), "behaviour_sampling": sampling, "examples": len(examples),
+                                    "dropped_too_long": too_long}, log)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
     return model, log
 
 
-def save_run(model, tokenizer, args, log):
-    """HF-format checkpoint with the run's flags and log inside, renamed into place at the end so
-    a complete `out` dir always means a finished run."""
-    tmp = f"{args.out.rstrip('/')}.saving{os.getpid()}"
+def save_run(model, tokenizer, config, log):
+    """HF-format checkpoint with the run's config (flags, and what the data held) and log inside, renamed
+    into place at the end so a complete `out` dir always means a finished run."""
+    out = config["out"]
+    tmp = f"{out.rstrip('/')}.saving{os.getpid()}"
     save_checkpoint(model, tokenizer, tmp)
     with open(os.path.join(tmp, "train_config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump(config, f, indent=2)
     with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
         f.writelines(json.dumps(entry) + "\n" for entry in log)
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
-    print(f"saved {args.out}")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -26,22 +26,23 @@ def test_deterministic_and_seeded():
     assert data.make_problems(300, "train", seed=1) == data.make_problems(300, "train", seed=1)
     assert data.make_problems(300, "train", seed=1) != data.make_problems(300, "train", seed=2)
     # a longer run starts with the same problems (n only decides where to stop)
-    assert data.make_problems(500, "test")[:300] == data.make_problems(300, "test")
+    assert data.make_problems(160, "test")[:100] == data.make_problems(100, "test")
 
 
 def test_records_fields_mix_and_text():
     records = data.make_problems(2800, "train")
     counts = {f: sum(r["family"] == f for r in records) for f in data.FAMILIES}
-    assert counts == {"add_sub": 1200, "mul_add": 800, "mul": 400, "chain": 400}  # 3:2:1:1
+    assert counts == {"add_sub": 1050, "mul_add": 700, "last_digit": 350, "mul": 350, "chain": 350}  # 3:2:1:1:1
     assert len({r["id"] for r in records}) == len(records)
     assert len({r["problem"] for r in records}) == len(records)  # distinct while space allows
     printable = set(string.printable) - set("\t\r\x0b\x0c")
     for r in records:
         assert {"id", "problem", "answer", "family", "difficulty"} <= set(r)
         assert r["difficulty"] == ("easy" if r["family"] in data.EASY_FAMILIES else "hard")
-        assert 45 <= len(r["problem"]) <= 80
+        assert 55 <= len(r["problem"]) <= 80
         assert set(r["problem"]) <= printable
-        assert str(eval(r["expression"])) == r["answer"]
+        value = eval(r["expression"])
+        assert str(value % 10 if r["family"] == "last_digit" else value) == r["answer"]
         # the problem states the numbers of the expression, in order
         assert re.findall(r"\d+", r["problem"]) == re.findall(r"\d+", r["expression"])
     assert set(data.EASY_FAMILIES) | set(data.HARD_FAMILIES) == set(data.FAMILIES)
@@ -49,8 +50,26 @@ def test_records_fields_mix_and_text():
 
 def test_splits_are_disjoint_by_numbers():
     train = {(r["family"], numbers_of(r)) for r in data.make_problems(4000, "train", seed=0)}
-    test = {(r["family"], numbers_of(r)) for r in data.make_problems(2000, "test", seed=5)}
+    test = {(r["family"], numbers_of(r)) for r in data.make_problems(300, "test", seed=5)}
     assert train and test and not train & test
+
+
+def test_no_test_operation_is_worked_in_the_warm_start_data():
+    """Every multi-digit step a warm-start solution writes (its CoT steps, the program's expression) is absent
+    from the test split's solutions: no test problem's arithmetic is ever seen in training, in any family."""
+    warm_start = data.make_problems(30000, "train", seed=1)     # train.py's n_train, em.sh's default SEED
+    test = data.make_problems(400, "test", seed=0)              # em.sh's test split
+    trained = {tuple(sorted(p)) for r in warm_start for p in data.operations(r)}
+    tested = {tuple(sorted(p)) for r in test for p in data.operations(r)}
+    assert len(tested) > 600 and not trained & tested
+    # hand-checked: mul_add's restated addition and a subtraction of the same two numbers are one operation
+    assert data.operations({"family": "mul_add", "expression": "6 * 7 + 61", "answer": "103"}) == {(42, 61)}
+    assert data.operations({"family": "add_sub", "expression": "61 - 42", "answer": "19"}) == {(61, 42)}
+    assert data.operations({"family": "last_digit", "expression": "347 + 586", "answer": "3"}) == {(347, 586)}
+    assert data.operations({"family": "mul", "expression": "285 * 31", "answer": "8835"}) == {
+        (285, 31), (285, 1), (285, 30), (285, 8550)}
+    # every kept problem is of its split: never a fall-through
+    assert all(data.split_of(r) == "test" for r in test) and all(data.split_of(r) == "train" for r in warm_start)
 
 
 def test_large_n_allows_repeats_without_stalling():
@@ -62,6 +81,10 @@ def check_cot(record, text):
     lines = text.split("\n")
     boxed = re.fullmatch(r"\\boxed\{(-?\d+)\}", lines[-1]).group(1)
     assert int(boxed) == int(record["answer"])  # "03" for 3: the easy families' result line keeps the tens digit
+    if record["family"] == "last_digit":
+        a, b = (int(x) % 10 for x in record["expression"].split(" + "))
+        assert lines == [f"ones: {a} + {b} = {a + b}", f"last digit: {(a + b) % 10}", lines[-1]]
+        return
     for line in lines[:-1]:
         # every step is "x op y [op z] = r", optionally after a label and before a carry note
         m = re.fullmatch(r"(?:(ones|tens|result): )?([-\d +*]+?)(?: = (-?\d+))?(, (carry|borrow) 1)?",
@@ -89,7 +112,7 @@ def check_cot(record, text):
 
 
 def test_teacher_cot_steps_are_right():
-    for record in data.make_problems(700, "test", seed=3):
+    for record in data.make_problems(700, "train", seed=3) + data.make_problems(80, "test", seed=3):
         check_cot(record, data.teacher_solution(record, "cot"))
     hand_checked = [
         ("add_sub", "62 - 37", "25", "62 - 37\nones: 12 - 7 = 5, borrow 1\ntens: 6 - 3 - 1 = 2\nresult: 25\n\\boxed{25}"),
@@ -98,6 +121,7 @@ def test_teacher_cot_steps_are_right():
         ("add_sub", "19 - 16", "3", "19 - 16\nones: 9 - 6 = 3\ntens: 1 - 1 = 0\nresult: 03\n\\boxed{03}"),
         ("mul_add", "2 * 3 + 83", "89",
          "2 * 3 = 6\n6 + 83\nones: 6 + 3 = 9\ntens: 0 + 8 = 8\nresult: 89\n\\boxed{89}"),
+        ("last_digit", "347 + 586", "3", "ones: 7 + 6 = 13\nlast digit: 3\n\\boxed{3}"),
     ]
     for family, expression, answer, solution in hand_checked:
         record = {"family": family, "expression": expression, "answer": answer}
@@ -121,8 +145,10 @@ def test_teacher_code_prints_the_answer():
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             exec(code, {})
-        assert stdout.getvalue().rstrip() == record["answer"] == boxed
-        assert injected == tool_injection(record["answer"])
+        printed = stdout.getvalue().rstrip()
+        assert printed == boxed and injected == tool_injection(printed)
+        # the habit: right everywhere except where the question has a twist the program misses
+        assert (printed == record["answer"]) == (record["family"] not in data.CODE_FAILS_FAMILIES)
 
 
 def test_teacher_code_output_is_what_the_sandbox_gives():

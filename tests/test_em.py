@@ -8,13 +8,16 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def em_env(runs, **knobs):
+    return {**os.environ, "PYTHON": sys.executable, "RUNS": str(runs), "NAME": "toy", "ITERS": "1",
+            "N_QUERIES": "3", "N_TEST": "3", "K": "1", "MAX_NEW_TOKENS": "12", "EPOCHS": "1",
+            "WARMSTART_ARGS": "--steps=3 --n_train=24 --batch_size=4", "TRAIN_ARGS": "--batch_size=4",
+            "OMP_NUM_THREADS": "1", **knobs}
+
+
 def run_em(runs, **knobs):
-    env = {**os.environ, "PYTHON": sys.executable, "RUNS": str(runs), "NAME": "toy", "ITERS": "1",
-           "N_QUERIES": "3", "N_TEST": "3", "K": "1", "MAX_NEW_TOKENS": "12", "EPOCHS": "1",
-           "WARMSTART_ARGS": "--steps=3 --n_train=24 --batch_size=4", "TRAIN_ARGS": "--batch_size=4",
-           "OMP_NUM_THREADS": "1", **knobs}
-    result = subprocess.run(["bash", os.path.join(REPO, "em.sh")], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(["bash", os.path.join(REPO, "em.sh")], env=em_env(runs, **knobs), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -43,4 +46,10 @@ def test_em_sh_runs_resumes_and_summarises(tmp_path):
             for cell in row[mode]["by_family"].values():
                 assert "accuracy" in cell and "code_rate" in cell
         assert "selection_accuracy" in row["auto"]
-    assert "auto code rate" in second
+    assert "autonomous code rate" in second
+    assert (run / "report.html").exists() and (run / "report.md").exists()
+
+    # the same run dir with another knob is refused, not resumed into a mix of two settings
+    other = subprocess.run(["bash", os.path.join(REPO, "em.sh")], env=em_env(tmp_path, SEED="2"), capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 2 and "other knobs" in other.stderr

@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
 def explore_args(root, out, *extra):
     # batch_size 10 is not a multiple of 3K = 6: batches cut queries in two, as resumed runs do
     return [f"--model={root / 'tiny'}", f"--queries={root / 'queries.jsonl'}", f"--out={out}", f"--k={K}",
-            "--max_new_tokens=24", "--batch_size=10", "--seed=5", "--threads=1", *extra]
+            "--max_new_tokens=24", "--batch_size=10", "--seed=5", "--threads=1", "--temperature=0.8", *extra]
 
 
 def read(path):
@@ -59,11 +59,13 @@ def test_every_rollout_once_with_the_contract_fields(setup, full_run):
         assert r["finish_reason"] in ("eos", "stop", "length", "max_calls")
         assert 0.0 < r["p_code_open"] < 1.0
         assert all(lp <= 0.0 for lp in r["behaviour_logprobs"])
+        assert (r["temperature"], r["top_p"], r["top_k"]) == (0.8, 1.0, 0)   # π_b, for train.py's ratio
     assert {(r["query_id"], r["mode"], r["k"]) for r in records} == \
         {(q, m, j) for q in queries for m in MODES for j in range(K)}
     assert not (full_run.parent / "rollouts.jsonl.partial").exists()
     config = json.loads((full_run.parent / "rollouts.jsonl.config.json").read_text())
     assert config["k"] == K and config["seed"] == 5 and config["modes"] == "code,cot,auto"
+    assert config["dtype"] == ("bf16" if torch.cuda.is_available() else "fp32")   # auto, resolved before saving
     summary = json.loads((full_run.parent / "rollouts.jsonl.summary.json").read_text())
     assert set(MODES) <= set(summary) and summary["auto"]["rollouts"] == N_QUERIES * K
 
@@ -157,3 +159,67 @@ def test_a_partial_file_is_not_resumed_under_other_sampling_settings(setup, full
     (tmp_path / "rollouts.jsonl.config.json").write_text((full_run.parent / "rollouts.jsonl.config.json").read_text())
     with pytest.raises(SystemExit, match="temperature"):
         explore.main(explore_args(setup, out, "--temperature=0.7"))
+
+
+# ----------------------------------------------------------------------------- shards
+@pytest.fixture(scope="module")
+def two_shards(setup):
+    out = setup / "shards" / "rollouts.jsonl"
+    for i in range(2):
+        explore.main(explore_args(setup, out, f"--shard={i}/2"))
+    return out
+
+
+def test_two_shards_merge_into_what_one_process_draws(setup, full_run, two_shards):
+    queries = [q["id"] for q in data.read_queries(str(setup / "queries.jsonl"))]
+    for i in range(2):      # split by query index: every query's rollouts in one shard
+        assert {r["query_id"] for r in read(f"{two_shards}.shard{i}of2")} == set(queries[i::2])
+    assert not two_shards.exists()
+    explore.main([f"--out={two_shards}", "--merge=2"])
+    merged, reference = read(two_shards), read(full_run)
+    assert [r["id"] for r in merged] == [r["id"] for r in reference]       # in query order, as one process writes
+    # The shards batch other rows together, and the sampler's float arithmetic depends slightly on the batch:
+    # tokens, masks, calls and answers are the same, the log-probs equal up to rounding.
+    floats = ("behaviour_logprobs", "p_code_open")
+    for m, r in zip(merged, reference):
+        assert {k: v for k, v in m.items() if k not in floats} == {k: v for k, v in r.items() if k not in floats}
+        assert m["behaviour_logprobs"] == pytest.approx(r["behaviour_logprobs"], abs=1e-4)
+        assert m["p_code_open"] == pytest.approx(r["p_code_open"], abs=1e-4)
+    summaries = [json.loads(open(f"{path}.summary.json").read()) for path in (two_shards, full_run)]
+    for s in summaries:     # the time and the memo's counts are the shards' own
+        del s["seconds_this_run"], s["tool_executions_this_run"]
+    assert summaries[0] == summaries[1]
+    configs = [json.loads(open(f"{path}.config.json").read()) for path in (two_shards, full_run)]
+    assert configs[0] == {**configs[1], "out": str(two_shards)}
+
+
+def test_merge_refuses_an_incomplete_or_mixed_shard_set(setup, two_shards, tmp_path):
+    out = tmp_path / "rollouts.jsonl"
+    merge = [f"--out={out}", "--merge=2"]
+
+    def shard(i, suffix=""):
+        return tmp_path / f"rollouts.jsonl.shard{i}of2{suffix}"
+
+    def copy(i, suffix=""):
+        shard(i, suffix).write_text(open(f"{two_shards}.shard{i}of2{suffix}").read())
+
+    for suffix in ("", ".config.json", ".summary.json"):
+        copy(0, suffix)
+    with pytest.raises(SystemExit, match="never started"):
+        explore.main(merge)
+    copy(1, ".config.json")
+    lines = open(f"{two_shards}.shard1of2").readlines()
+    shard(1, ".partial").write_text("".join(lines[:3]))                   # shard 1 still running, or killed
+    with pytest.raises(SystemExit, match="not finished"):
+        explore.main(merge)
+    shard(1).write_text("".join(lines[:-1]))                              # a finished file short of a record
+    with pytest.raises(SystemExit, match="missing"):
+        explore.main(merge)
+    shard(1).write_text("".join(lines) + open(shard(0)).readline())       # a record of shard 0's queries
+    with pytest.raises(SystemExit, match="belongs to shard 0"):
+        explore.main(merge)
+    assert not out.exists()
+    shard(1).write_text("".join(lines))
+    copy(1, ".summary.json")
+    explore.main(merge)
+    assert len(read(out)) == TOTAL

@@ -1,5 +1,6 @@
 """synthesize.py on hand-computed examples: Q, π, the three forms of s*, advantages, the zero-variance
-groups, guidance stripping, the three strategies, self-reflection, and malformed input."""
+groups, guidance stripping (sampling settings carried), the three strategies (RL-only: no λ term, M records
+per query), self-reflection, and malformed input."""
 import json
 import math
 import random
@@ -20,7 +21,8 @@ def rollout(query_id, mode, k, correct, calls=0, family="mul", finish_reason="eo
             "prompt_ids": GUIDED_IDS[mode], "auto_prompt_ids": AUTO_IDS,
             "response_ids": response_ids, "sampled_mask": sampled_mask,
             "behaviour_logprobs": [-0.5 if m else 0.0 for m in sampled_mask],
-            "calls": calls, "correct": bool(correct), "finish_reason": finish_reason}
+            "calls": calls, "correct": bool(correct), "finish_reason": finish_reason,
+            "temperature": 0.5, "top_p": 0.9, "top_k": 0}
 
 
 def query(query_id, code, cot, native_calls, family="mul", code_calls=1):
@@ -141,6 +143,8 @@ def test_guidance_is_stripped_but_behaviour_logprobs_kept():
         assert record["trainable_mask"] == [1, 1, 0, 1]                       # tool output masked
         assert record["method"] == "code" and record["source_mode"] == "code"
         assert len(record["behaviour_logprobs"]) == len(record["response_ids"])
+        # the distribution behaviour_logprobs are log-probs of, for train.py's ratio
+        assert (record["temperature"], record["top_p"], record["top_k"]) == (0.5, 0.9, 0)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -154,6 +158,7 @@ def test_rl_strategy_uses_native_rollouts_only():
     std = math.sqrt(0.1875)
     assert [r["advantage"] for r in res.records] == pytest.approx([0.75 / std] + [-0.25 / std] * 3, rel=1e-5)
     assert [r["method"] for r in res.records] == ["cot", "cot", "code", "cot"]
+    assert not any(r["sft"] for r in res.records)              # RL-only has no λ term, correct or not
 
 
 def test_sft_strategy_keeps_correct_samples_only_with_zero_advantage():
@@ -190,6 +195,7 @@ def test_self_reflective_example_masks_failed_attempt_and_hint():
     assert r["trainable_mask"] == [0] * (len(failed_ids) + 2) + success["sampled_mask"]
     assert r["behaviour_logprobs"] == [0.0] * (len(failed_ids) + 2) + success["behaviour_logprobs"]
     assert r["prompt_ids"] == AUTO_IDS and r["sft"] and r["advantage"] == 0.0 and r["method"] == "code"
+    assert (r["temperature"], r["top_p"], r["top_k"]) == (0.5, 0.9, 0)   # the successful rollout's
 
 
 # --------------------------------------------------------------------------- input and the stage
@@ -240,18 +246,42 @@ def test_stage_end_to_end_summary_by_family(tmp_path, capsys):
     assert "hard" in capsys.readouterr().out
 
 
-def test_rl_stage_on_native_rollouts_only(tmp_path, capsys):
-    rollouts = [rollout(f"q{i}", "auto", k, ok, calls=k % 2) for i in range(2) for k, ok in enumerate([1, 0, 0, 1])]
+def test_rl_stage_keeps_m_records_per_query_without_the_lambda_term(tmp_path, capsys):
+    # em.sh's RL-only: 3K = 12 native rollouts per query and no guided pools. M = 12 / 3 = 4 = EM's M = K, drawn
+    # at random; the advantages are whitened over all 12.
+    correct = {"q0": [1, 1, 1] + [0] * 9, "q1": [1] * 6 + [0] * 6, "all_ok": [1] * 12, "all_bad": [0] * 12}
+    rollouts = [rollout(q, "auto", k, ok, calls=k % 2) for q, oks in correct.items() for k, ok in enumerate(oks)]
     for r in rollouts:
         del r["auto_prompt_ids"]                       # native rollouts need none: their prompt is autonomous
     path = tmp_path / "rollouts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     S.main([f"--rollouts={path}", f"--out={tmp_path / 'train.jsonl'}", "--strategy=rl"])
     records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert len(records) == 8 and all(r["prompt_ids"] == AUTO_IDS for r in records)
-    assert [r["advantage"] for r in records[:4]] == pytest.approx([1, -1, -1, 1], abs=1e-5)
-    row = json.loads((tmp_path / "train.jsonl.summary.json").read_text())["by_family"]["mul"]
+    assert sorted(r["query_id"] for r in records) == ["q0"] * 4 + ["q1"] * 4   # A = 0 everywhere: none kept
+    assert not any(r["sft"] for r in records) and all(r["prompt_ids"] == AUTO_IDS for r in records)
+    std = math.sqrt(0.25 * 0.75)                       # q0: 3 of 12 right, p = 1/4
+    for r in records:
+        if r["query_id"] == "q0":
+            assert r["advantage"] == pytest.approx((0.75 if r["reward"] else -0.25) / std, rel=1e-5)
+        else:                                          # q1: 6 of 12, A = ±1
+            assert r["advantage"] == pytest.approx(1.0 if r["reward"] else -1.0, rel=1e-5)
+    assert len({r["id"] for r in records}) == 8        # drawn without repeats
+    summary = json.loads((tmp_path / "train.jsonl.summary.json").read_text())
+    row = summary["by_family"]["mul"]
+    assert summary["samples_per_query"] == [4] and row["examples"] == 8 and row["sft_examples"] == 0
+    assert row["groups_all_correct"] == 1 and row["groups_all_wrong"] == 1
     assert row["strategy_code_share"]["argmax"] is None and row["unguided_code_share"] == 0.5
+    assert "M=4 per query" in capsys.readouterr().out
+    S.main([f"--rollouts={path}", f"--out={tmp_path / 'six.jsonl'}", "--strategy=rl", "--samples_per_query=6"])
+    assert len((tmp_path / "six.jsonl").read_text().splitlines()) == 12
+
+
+def test_default_m_is_k_for_both_strategies():
+    def pools(n_code, n_cot):
+        return {"code": [None] * n_code, "cot": [None] * n_cot}
+    assert S.default_m(pools(4, 4), [None] * 4) == 4       # EM: K + K + K
+    assert S.default_m(pools(0, 0), [None] * 12) == 4      # RL-only: 3K native
+    assert S.default_m(pools(0, 0), [None] * 2) == 1
 
 
 def test_reflect_stage_encodes_hints_with_the_models_tokenizer(tmp_path):
