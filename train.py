@@ -127,9 +127,10 @@ def example(prompt_ids, response_ids, response_trainable, behaviour_logprobs, ad
 
 def warmstart_examples(tokenizer, args):
     """Teacher solutions of the embedded task. Each guided prompt gets its own style; the
-    autonomous prompt gets CoT most of the time and code only sometimes, independently of the
-    family, so the warm-started model can do both when told and rarely codes unprompted, like
-    the paper's base models: the choice is what EM has to learn."""
+    autonomous prompt gets code with probability auto_code_frac in most families (the model can do
+    both when told and rarely codes unprompted, like the paper's base models) and habit_code_frac on
+    data.CODE_FAILS_FAMILIES, where its code is wrong (a tool-integrated model's habit): the choice,
+    in both directions, is what EM has to learn."""
     rng = random.Random(args.seed)
     weights = [float(w) for w in args.mode_weights.split(",")]
     examples = []
