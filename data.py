@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import sys
 
 import flags
 
@@ -474,6 +475,94 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Seeds and shards: one process per GPU
+# explore.py and evaluate.py split their queries over n processes (--shard=i/n, one GPU each, no communication) and
+# join the parts afterwards (--merge=n). Shard i takes the queries whose index is i mod n, before any batching: a
+# row's tokens depend only on its prompt and its seed (greedy, or a hash of the row's ids), never on its batch, so
+# the n parts together hold the rows one process would have drawn. Only floats (log-probs, p_code_open) can differ,
+# in the last bits: the model's arithmetic depends slightly on the batch's shapes.
+
+def parse_shard(text):
+    """'i/n' -> (i, n)."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        i, n = 0, 0
+    if not 0 <= i < n:
+        sys.exit(f"--shard: expected i/n with 0 <= i < n (shard i of n), got {text!r}")
+    return i, n
+
+
+def take_shard(queries, shard):
+    i, n = shard
+    return queries[i::n]
+
+
+def shard_name(shard):
+    return "shard{}of{}".format(*shard)
+
+
+def shard_owners(queries, n, rows):
+    """{row id: the shard that draws it}, rows: (query id, row id) pairs in the order one process writes them."""
+    shard_of = {q["id"]: i for i in range(n) for q in take_shard(queries, (i, n))}
+    return {row_id: shard_of[query_id] for query_id, row_id in rows}
+
+
+def read_shard_configs(paths):
+    """The shards' common config (paths: their config files, shard 0 first). Refused unless every shard started and
+    they agree on every setting but their own out and shard: parts drawn under two settings make no single run."""
+    configs = []
+    for path in paths:
+        if not os.path.exists(path):
+            sys.exit(f"merge: {path} not found: that shard never started")
+        with open(path) as f:
+            configs.append(json.load(f))
+    for path, config in zip(paths[1:], configs[1:]):
+        changed = sorted(key for key in set(config) | set(configs[0])
+                         if key not in ("out", "shard") and config.get(key) != configs[0].get(key))
+        if changed:
+            sys.exit(f"merge: {path} was run with other settings than {paths[0]} ({', '.join(changed)})")
+    return configs[0]
+
+
+def merge_shards(paths, owner):
+    """The records of the ids in owner ({id: shard}), in its order, from the shards' finished files (paths[i]: shard
+    i's). Refused when a shard has not finished, holds an id of another shard (the shards were split differently) or
+    lacks one of its own. Ids in no shard's part (a file extended from an earlier run of other modes) are left out."""
+    unfinished = [path for path in paths if not os.path.exists(path)]
+    if unfinished:
+        sys.exit(f"merge: not finished: {', '.join(unfinished)} (rerun those shards, they resume; then merge)")
+    records = {}
+    for i, path in enumerate(paths):
+        for line_number, record in iter_jsonl(path):
+            rid = str(record["id"])
+            if owner.get(rid, i) != i:
+                sys.exit(f"merge: {path}:{line_number}: {rid} belongs to shard {owner[rid]}, not {i}")
+            if rid in owner:
+                records[rid] = record
+    missing = [rid for rid in owner if rid not in records]
+    if missing:
+        sys.exit(f"merge: {len(missing)} records missing, e.g. {missing[0]} from {paths[owner[missing[0]]]}")
+    return [records[rid] for rid in owner]
+
+
+def write_jsonl_atomic(path, records):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")      # as data.JsonlAppender writes them
+    os.replace(tmp, path)
+
+
+def row_seed(base_seed, query_id, mode, k):
+    """A 32-bit seed that depends only on (seed, query, mode, k): not on the batch, the order, the shard or the run.
+    explore.py's rollouts and evaluate.py's samples are seeded with it."""
+    digest = hashlib.sha256(f"{base_seed}:{query_id}:{mode}:{k}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ the same way), then a merge that checks every shard finished and writes OUT as o
     python explore.py --out=rollouts.jsonl --merge=n
 """
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -47,8 +46,9 @@ import data
 import flags
 import model as model_lib
 import sandbox
-from evaluate import (CODE_OPEN, code_open_probability, merge_shards, parse_shard, read_shard_configs, shard_name,
-                      shard_owners, take_shard, write_jsonl_atomic)
+from data import (merge_shards, parse_shard, read_shard_configs, row_seed, shard_name, shard_owners, take_shard,
+                  write_jsonl_atomic)
+from evaluate import CODE_OPEN, code_open_probability
 from grade import grade
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -85,12 +85,6 @@ COPIED_FIELDS = ("family", "difficulty", "level", "type")
 # ----------------------------------------------------------------------------- the rows to draw
 def rollout_id(query_id, mode, k):
     return f"{query_id}:{mode}:{k}"
-
-
-def row_seed(base_seed, query_id, mode, k):
-    """A 32-bit seed that depends only on (seed, query, mode, k): not on the batch, the order or the run."""
-    digest = hashlib.sha256(f"{base_seed}:{query_id}:{mode}:{k}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def pending_rows(queries, modes, k, done_ids):

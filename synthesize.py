@@ -25,9 +25,7 @@ explore.py drew, for every query x, K rollouts guided to code, K guided to CoT a
 Writes OUT (one training record per line: the contract with train.py), OUT.summary.json beside
 it, and prints a per-family table: the model's own code share next to the reference strategy's.
 """
-import json
 import math
-import os
 import random
 import sys
 from collections import defaultdict
@@ -36,7 +34,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 import flags
-from data import iter_jsonl, write_json_atomic
+from data import iter_jsonl, write_json_atomic, write_jsonl_atomic
 
 # ----------------------------------------------------------------------------- hyperparameters
 rollouts = ""            # explore.py's output; required
@@ -431,19 +429,14 @@ def main(argv=None):
                                         args.pi_source, args.pi_prior, args.samples_per_query,
                                         args.adv_eps, rng, args.reflect, hint_ids))
 
-    # Written under a temporary name and renamed: a complete OUT means the stage is done.
-    partial = args.out + ".partial"
-    with open(partial, "w") as f:
-        for res in results:
-            for record in res.records:
-                f.write(json.dumps(record) + "\n")
     summary = summarize(results, args.strategy, args.form)
     # The sampling settings the rollouts were drawn under (one, unless files were mixed: train.py refuses that)
     summary["behaviour_sampling"] = [dict(zip(SAMPLING, values)) for values in
                                      sorted({tuple(r.get(key) for key in SAMPLING) for r in rollouts}, key=str)]
     summary["config"] = config
     write_json_atomic(args.out + ".summary.json", summary)
-    os.replace(partial, args.out)
+    # Written under a temporary name and renamed, last: a complete OUT means the stage is done.
+    write_jsonl_atomic(args.out, [record for res in results for record in res.records])
     print(format_table(summary))
     print(f"wrote {summary['by_family']['all']['examples']} training records to {args.out}")
 
