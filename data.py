@@ -11,8 +11,8 @@ somewhere, so a model that chooses well beats both forced modes while calling co
     running total through four 3-digit steps in its head, but copying the numbers into `print(...)`
     is easy at every size.
   - Code wrong, CoT reliable (last_digit: "what is the last digit of 347 + 586?"): the model's coding
-    habit prints the whole sum (933) and reports it, missing the question's twist, while its CoT is one
-    one-digit addition (7 + 6 = 13, so 3). The contrast is made in the teacher's code solution, which
+    habit prints the whole sum (933) and reports it, missing the question's twist, while its CoT restates
+    the sum and does one one-digit addition (7 + 6 = 13, so 3). The contrast is made in the teacher's code solution, which
     is the habit (`print(347 + 586)`, then the output boxed): the tool runs it correctly and the grader
     is honest; the program answers another question, as real models' code does when it misreads one.
     The warm start codes here most of the time when unprompted (train.py's habit_code_frac), so EM
@@ -110,7 +110,7 @@ _OPERATION = re.compile(r"(-?\d+) [-+*] (\d+)")
 
 def operations(record):
     """The operand pairs of every multi-digit operation in a record's worked CoT solution, and of its expression
-    when that is one operation (the program computes it; last_digit's CoT never writes it)."""
+    when that is one operation (the program computes it)."""
     steps = [line for line in _cot_lines(record)[0] if not line.startswith(("ones:", "tens:", "result:", "last"))]
     if len(_OPERATION.findall(record["expression"] + " ")) == 1 and record["expression"].count(" ") == 2:
         steps.append(record["expression"])
@@ -201,8 +201,9 @@ def make_problems(n, split, seed=0):
 # digit-level steps of the easy families are what lets a tiny model be right: the 2-digit operation
 # is first restated on its own line (so each digit is copied from a fixed offset just above), then
 # one single-digit operation per line, the carry or borrow spelled out. mul_add reuses the same
-# steps for its addition and last_digit the same ones line, so the easy families train one shared
-# skill. The result line is the tens line's number followed by the ones digit with no exception, so
+# steps for its addition and last_digit the restated sum and its ones line, so the easy families train one
+# shared skill (without the restated line, last_digit's CoT copied a wrong ones digit from the problem text in
+# 3 of 8 warm starts: 6-74% right). The result line is the tens line's number followed by the ones digit with no exception, so
 # 19 - 16 ends "result: 03" and "\boxed{03}" (the grader compares numbers: 03 = 3): dropping the
 # leading 0 was the one irregular step and the commonest CoT error. What each choice measured is in
 # the README (The embedded task).
@@ -232,6 +233,34 @@ def _cot_add_sub(a, b, op):
     return lines, digits
 
 
+def drill(rng, lines=8):
+    """An arithmetic drill: `lines` random one-digit steps, one a line, in the worked solutions' own notation
+    (the ones and tens lines of _cot_add_sub, mul_add's one-digit product). Not a problem: the warm start mixes
+    drills in for the tables that a real model learned in pretraining, long before any word problem, so the
+    tiny model does not have to learn ~300 one-digit facts from the two or three of them in each worked
+    solution (train.py's drill_frac)."""
+    steps = []
+    for _ in range(lines):
+        kind = rng.randrange(5)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == 0:
+            steps.append(f"ones: {a} + {b} = {a + b}" + (", carry 1" if a + b >= 10 else ""))
+        elif kind == 1:
+            carry = rng.randint(0, 1)
+            steps.append(f"tens: {a} + {b}" + (" + 1" if carry else "") + f" = {a + b + carry}")
+        elif kind == 2:
+            borrow = 1 if a < b else 0
+            steps.append(f"ones: {a + 10 * borrow} - {b} = {a + 10 * borrow - b}" + (", borrow 1" if borrow else ""))
+        elif kind == 3:
+            a, b = max(a, b), min(a, b)
+            borrow = rng.randint(0, 1) if a > b else 0   # the tens of a >= b never go below 0
+            steps.append(f"tens: {a} - {b}" + (" - 1" if borrow else "") + f" = {a - b - borrow}")
+        else:
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            steps.append(f"{a} * {b} = {a * b}")
+    return "\n".join(steps)
+
+
 def _cot_lines(record):
     """The intermediate steps of the CoT solution of a record, parsed back from its expression, and
     the answer as the steps write it (the result line's digits for the easy families)."""
@@ -244,7 +273,8 @@ def _cot_lines(record):
         return [f"{a} * {b} = {a * b}"] + lines, digits
     if family == "last_digit":
         a0, b0 = int(tokens[0]) % 10, int(tokens[2]) % 10
-        return [f"ones: {a0} + {b0} = {a0 + b0}", f"last digit: {(a0 + b0) % 10}"], record["answer"]
+        return [record["expression"], f"ones: {a0} + {b0} = {a0 + b0}", f"last digit: {(a0 + b0) % 10}"], \
+            record["answer"]
     if family == "mul":
         # Partial products, one per digit of the 2-digit factor, then their sum.
         a, b = int(tokens[0]), int(tokens[2])

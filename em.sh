@@ -52,6 +52,11 @@ TRAIN_ARGS=${TRAIN_ARGS:-}
 EVALUATE_ARGS=${EVALUATE_ARGS:-}
 SHARDS=${SHARDS:-1}             # GPUs: explore and evaluate run as SHARDS processes side by side, one GPU each (the
                                 # same records as one process), and the M-step under torchrun on all of them
+CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: explore and evaluate run as this many
+                                # processes side by side, one core each (the same records as one process), and the
+                                # M-step as one process on every core. A decode step of the tiny model is mostly
+                                # per-op overhead, which a second thread does not share: evaluate took 14 s as 2
+                                # processes, 22 s as one process of 2 threads (2 cores)
 PYTHON=${PYTHON:-python}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # steadier on a shared CPU
 # -----------------------------------------------------------------------------
@@ -88,28 +93,36 @@ stage() {
     echo "== $label: $((SECONDS - t0)) s" | tee -a "$RUN/times.txt"
 }
 
-# sharded COMMAND...: COMMAND (explore.py or evaluate.py) as SHARDS processes side by side, shard s on the s-th GPU
-# (of CUDA_VISIBLE_DEVICES if set) with its log in OUT.shard<s>of<SHARDS>.log, then the merge of their parts into
-# COMMAND's --out. The stage fails if a shard fails; a rerun resumes each shard's own partial file.
+# sharded COMMAND...: COMMAND (explore.py or evaluate.py) as PROCS processes side by side, shard s on the s-th GPU
+# (of CUDA_VISIBLE_DEVICES if set) or on THREADS CPU threads, its log in OUT.shard<s>of<PROCS>.log (shard 0's also
+# on the console), then the merge of their parts into COMMAND's --out. The stage fails if a shard fails; a rerun
+# resumes each shard's own partial file.
 sharded() {
     local arg out s gpus pids=() failed=0
     for arg in "$@"; do case $arg in --out=*) out=${arg#--out=};; esac; done
     IFS=, read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-}"
     # background jobs do not get Ctrl-C: the shards are stopped here, not left running
     trap 'kill "${pids[@]}" 2>/dev/null; exit 1' INT TERM
-    for ((s = 0; s < SHARDS; s++)); do
-        CUDA_VISIBLE_DEVICES=${gpus[s]:-$s} "$@" --shard="$s/$SHARDS" > "$out.shard${s}of$SHARDS.log" 2>&1 &
+    for ((s = 1; s < PROCS; s++)); do
+        CUDA_VISIBLE_DEVICES=${gpus[s]:-$s} OMP_NUM_THREADS=$THREADS "$@" --shard="$s/$PROCS" \
+            > "$out.shard${s}of$PROCS.log" 2>&1 &
         pids+=($!)
     done
+    CUDA_VISIBLE_DEVICES=${gpus[0]:-0} OMP_NUM_THREADS=$THREADS "$@" --shard="0/$PROCS" 2>&1 \
+        | tee "$out.shard0of$PROCS.log" || { echo "em.sh: shard 0/$PROCS failed" >&2; failed=1; }
     for s in "${!pids[@]}"; do
-        wait "${pids[s]}" || { echo "em.sh: shard $s/$SHARDS failed, see $out.shard${s}of$SHARDS.log" >&2; failed=1; }
+        wait "${pids[s]}" || { echo "em.sh: shard $((s + 1))/$PROCS failed, see $out.shard$((s + 1))of$PROCS.log" >&2
+                               failed=1; }
     done
     trap - INT TERM
     [ "$failed" = 0 ] || return 1
-    "$@" --merge="$SHARDS"
+    "$@" --merge="$PROCS"
 }
 case $SHARDS in [1-9]|[1-9][0-9]) ;; *) echo "em.sh: SHARDS must be a number of GPUs, not '$SHARDS'" >&2; exit 2;; esac
-SHARDED=$([ "$SHARDS" = 1 ] || echo sharded)      # empty for one GPU: the stages run as plain commands
+case $CPU_PROCS in [1-9]|[1-9][0-9]) ;; *) echo "em.sh: CPU_PROCS must be a number, not '$CPU_PROCS'" >&2; exit 2;; esac
+PROCS=$([ "$($PYTHON -c 'import torch; print(torch.cuda.is_available())')" = True ] && echo "$SHARDS" || echo "$CPU_PROCS")
+THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / PROCS > 0 ? $(nproc) / PROCS : 1 ))}   # per shard
+SHARDED=$([ "$PROCS" = 1 ] || echo sharded)       # empty for one process: the stages run as plain commands
 TRAIN_LAUNCH=$PYTHON$([ "$SHARDS" = 1 ] || echo " -m torch.distributed.run --standalone --nproc_per_node=$SHARDS")
 
 # The data. The test split is the same for every SEED (so seeds compare on the same problems); the training queries

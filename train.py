@@ -50,7 +50,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import flags
-from data import CODE_FAILS_FAMILIES, encode_prompt, iter_jsonl, make_problems, teacher_solution, tokenize_response
+from data import CODE_FAILS_FAMILIES, drill, encode_prompt, iter_jsonl, make_problems, teacher_solution, tokenize_response
 from model import fused_logprobs, load as load_checkpoint, save as save_checkpoint
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -66,6 +66,8 @@ mode_weights = "1,2,1"   # how often a problem is posed with the code, cot and a
                          # (CoT twice as often: digit-level CoT is what the tiny model learns slowest)
 auto_code_frac = 0.15    # share of auto prompts answered with the code solution (else CoT), in most families
 habit_code_frac = 0.9    # the same share on data.CODE_FAILS_FAMILIES: the coder's habit EM has to unlearn
+drill_frac = 0.1         # share of the examples that are an arithmetic drill (data.drill), not a problem: the
+                         # one-digit facts were the commonest CoT slip (14 - 6 = 9, 7 * 7 = 48)
 steps = 3600             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
                          # (~100-120 ms a step on 2 cores; 2,800 left easy CoT at 63-86% with five families)
 epochs = 2.0             # passes over the records of --data
@@ -145,6 +147,10 @@ def warmstart_examples(tokenizer, args):
         # The EOS is trained too: the model must learn to stop after \boxed{}.
         ids, trainable = ids + [tokenizer.eos_token_id], trainable + [1]
         examples.append(example(prompt_ids, ids, trainable, [0.0] * len(ids), 0.0, True))
+    n_drills = round(args.n_train * args.drill_frac / (1 - args.drill_frac))
+    for _ in range(n_drills):
+        ids = tokenizer.encode(drill(rng), add_special_tokens=False)
+        examples.append(example([], ids, [1] * len(ids), [0.0] * len(ids), 0.0, True))
     return examples
 
 

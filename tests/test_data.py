@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import string
 import subprocess
@@ -83,7 +84,7 @@ def check_cot(record, text):
     assert int(boxed) == int(record["answer"])  # "03" for 3: the easy families' result line keeps the tens digit
     if record["family"] == "last_digit":
         a, b = (int(x) % 10 for x in record["expression"].split(" + "))
-        assert lines == [f"ones: {a} + {b} = {a + b}", f"last digit: {(a + b) % 10}", lines[-1]]
+        assert lines == [record["expression"], f"ones: {a} + {b} = {a + b}", f"last digit: {(a + b) % 10}", lines[-1]]
         return
     for line in lines[:-1]:
         # every step is "x op y [op z] = r", optionally after a label and before a carry note
@@ -121,13 +122,36 @@ def test_teacher_cot_steps_are_right():
         ("add_sub", "19 - 16", "3", "19 - 16\nones: 9 - 6 = 3\ntens: 1 - 1 = 0\nresult: 03\n\\boxed{03}"),
         ("mul_add", "2 * 3 + 83", "89",
          "2 * 3 = 6\n6 + 83\nones: 6 + 3 = 9\ntens: 0 + 8 = 8\nresult: 89\n\\boxed{89}"),
-        ("last_digit", "347 + 586", "3", "ones: 7 + 6 = 13\nlast digit: 3\n\\boxed{3}"),
+        ("last_digit", "347 + 586", "3", "347 + 586\nones: 7 + 6 = 13\nlast digit: 3\n\\boxed{3}"),
     ]
     for family, expression, answer, solution in hand_checked:
         record = {"family": family, "expression": expression, "answer": answer}
         assert data.teacher_solution(record, "cot") == solution
     with pytest.raises(ValueError):
         data.teacher_solution(record, "latex")
+
+
+def test_drill_lines_are_true_and_cover_every_one_digit_step_of_the_solutions():
+    rng = random.Random(0)
+    drilled = set()
+    for _ in range(3000):
+        for line in data.drill(rng).split("\n"):
+            m = re.fullmatch(r"(?:(ones|tens): )?(\d+) ([-+*]) (\d+)((?: [-+] 1)?) = (\d+)(, (carry|borrow) 1)?", line)
+            assert m, line
+            label, x, op, y, extra, result, note = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), \
+                m.group(5), int(m.group(6)), m.group(8)
+            assert eval(f"{x} {op} {y}{extra}") == result, line
+            if label == "ones":   # carry iff the digit sum passes 9, borrow iff a ten was borrowed
+                assert note == ("carry" if op == "+" and result >= 10 else "borrow" if op == "-" and x >= 10
+                                else None), line
+            drilled.add(line)
+    # every one-digit step a teacher solution of an easy family writes is a line some drill writes
+    steps = set()
+    for record in data.make_problems(3000, "train", seed=5):
+        if record["family"] in ("add_sub", "mul_add"):
+            steps |= {line for line in data.teacher_solution(record, "cot").split("\n")
+                      if line.startswith(("ones:", "tens:")) or re.fullmatch(r"\d \* \d = \d+", line)}
+    assert len(steps) > 300 and steps <= drilled, sorted(steps - drilled)[:10]
 
 
 def split_code_solution(text):

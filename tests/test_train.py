@@ -92,7 +92,8 @@ def test_token_logprobs_are_the_trainable_tokens_only(tiny):
 
 def test_warmstart_examples_mask_prompt_and_tool_output(tiny):
     _, tokenizer = tiny
-    args = train.parse_args(["--n_train=12", "--mode_weights=1,0,1", "--auto_code_frac=1", "--habit_code_frac=1"])
+    args = train.parse_args(["--n_train=12", "--mode_weights=1,0,1", "--auto_code_frac=1", "--habit_code_frac=1",
+                             "--drill_frac=0"])
     examples = train.warmstart_examples(tokenizer, args)
     problems = make_problems(12, "train", seed=0)
     for record, e in zip(problems, examples):  # every example is a code solution here
@@ -103,9 +104,23 @@ def test_warmstart_examples_mask_prompt_and_tool_output(tiny):
         assert ids[-1] == tokenizer.eos_token_id and trainable[-1] == 1   # the EOS is trained
         masked = tokenizer.decode([t for t, m in zip(ids[prompt_length:], trainable[prompt_length:]) if not m])
         assert masked == tool_injection(str(eval(record["expression"])))   # exactly the injected output
-    args = train.parse_args(["--n_train=12", "--mode_weights=0,0,1", "--auto_code_frac=0", "--habit_code_frac=0"])
+    args = train.parse_args(["--n_train=12", "--mode_weights=0,0,1", "--auto_code_frac=0", "--habit_code_frac=0",
+                             "--drill_frac=0"])
     for e in train.warmstart_examples(tokenizer, args):
         assert "```python" not in tokenizer.decode(e["input_ids"]) and "Solve." in tokenizer.decode(e["input_ids"])
+
+
+def test_warmstart_drills_are_trained_on_every_token(tiny):
+    _, tokenizer = tiny
+    args = train.parse_args(["--n_train=30", "--drill_frac=0.25"])
+    examples = train.warmstart_examples(tokenizer, args)
+    problems, drills = examples[:30], examples[30:]
+    assert len(drills) == 10                                  # 10 of 40 examples: a quarter
+    for e in drills:                                          # no prompt, no EOS: lines of one-digit steps
+        text = tokenizer.decode(e["input_ids"])
+        assert e["trainable"] == [1] * len(e["input_ids"]) and "\\boxed" not in text and "=" in text
+        assert all(line.count("=") == 1 for line in text.split("\n"))
+    assert all(e["trainable"][0] == 0 for e in problems)    # a problem starts with its (untrained) prompt
 
 
 def test_record_examples_keep_what_the_loss_uses():
