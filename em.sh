@@ -9,7 +9,7 @@
 # output means a finished stage: rerunning after a kill skips what is done, and the interrupted stage
 # resumes its own partial file (explore, evaluate) or starts over (train, a few minutes at most).
 #
-#   bash em.sh                                 # the embedded default on a CPU, ~11 minutes on 2 cores
+#   bash em.sh                                 # the embedded default on a CPU, 11-14 minutes on 2 cores
 #   SEED=2 bash em.sh                          # the same with every seed moved (run name demo-seed2)
 #   STRATEGY=rl bash em.sh                     # the paper's RL-only ablation (run name demo-rl)
 #   NAME=qwen MODEL=path/to/Qwen2.5-Math-1.5B-Instruct QUERIES=train.jsonl TEST=test.jsonl \
@@ -55,8 +55,8 @@ SHARDS=${SHARDS:-1}             # GPUs: explore and evaluate run as SHARDS proce
 CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: explore and evaluate run as this many
                                 # processes side by side, one core each (the same records as one process), and the
                                 # M-step as one process on every core. A decode step of the tiny model is mostly
-                                # per-op overhead, which a second thread does not share: evaluate took 14 s as 2
-                                # processes, 22 s as one process of 2 threads (2 cores)
+                                # per-op overhead, which a second thread does not share: evaluate ran in 0.80x the
+                                # wall time as 2 processes than as one process of 2 threads (2 cores)
 PYTHON=${PYTHON:-python}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # steadier on a shared CPU
 # -----------------------------------------------------------------------------
