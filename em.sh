@@ -58,7 +58,6 @@ CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: ex
                                 # per-op overhead, which a second thread does not share: evaluate ran in 0.80x the
                                 # wall time as 2 processes than as one process of 2 threads (2 cores)
 PYTHON=${PYTHON:-python}
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # steadier on a shared CPU
 # -----------------------------------------------------------------------------
 
 case $STRATEGY in em|rl|sft) ;; *) echo "em.sh: STRATEGY must be em, rl or sft, not '$STRATEGY'" >&2; exit 2;; esac

@@ -90,6 +90,33 @@ def test_token_logprobs_are_the_trainable_tokens_only(tiny):
     assert entropy.tolist() == pytest.approx(expected_entropy, abs=1e-4)
 
 
+def test_a_batch_cut_into_length_pieces_gives_the_gradient_of_the_whole_batch():
+    # The reference: the batch as one padded tensor. by_length reorders and cuts it; the RL loss (ratio, clip,
+    # λ term) is one sum over the step's tokens, so the gradient must not move.
+    model, _ = load("tiny", seed=0)
+    rng = torch.Generator().manual_seed(0)
+    batch = []
+    for i, (prompt, response) in enumerate([(9, 40), (12, 7), (5, 61), (20, 15), (8, 33)]):
+        ids = torch.randint(2, 98, (prompt + response,), generator=rng).tolist()
+        batch.append(train.example(ids[:prompt], ids[prompt:], [1] * response,
+                                   (-torch.rand(response, generator=rng)).tolist(), (-1) ** i * 0.5, i % 2 == 0))
+    pieces = train.by_length(batch, 2)
+    assert [len(p) for p in pieces] == [3, 2]
+    assert [len(e["input_ids"]) for p in pieces for e in p] == sorted(len(e["input_ids"]) for e in batch)
+    args = train.parse_args(["--mode=rl", "--data=unused.jsonl"])
+    args.temperature = 1.0
+    grads = []
+    for micro_batches in ([batch], pieces):
+        tensors = [train.collate(b, 1, "cpu") for b in micro_batches]
+        n_tokens = torch.tensor(float(sum(t["trainable"][:, 1:].sum() for t in tensors)))
+        model.zero_grad()
+        train.accumulate_gradients(model, model.lm_head.weight, tensors, n_tokens, args, 0.2, 1.0, 3.0,
+                                   False, 1, torch.autocast("cpu", enabled=False))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_warmstart_examples_mask_prompt_and_tool_output(tiny):
     _, tokenizer = tiny
     args = train.parse_args(["--n_train=12", "--mode_weights=1,0,1", "--auto_code_frac=1", "--habit_code_frac=1",
