@@ -56,7 +56,8 @@ CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: ex
                                 # processes side by side, one core each (the same records as one process), and the
                                 # M-step as one process on every core. A decode step of the tiny model is mostly
                                 # per-op overhead, which a second thread does not share: evaluate ran in 0.80x the
-                                # wall time as 2 processes than as one process of 2 threads (2 cores)
+                                # wall time as 2 processes than as one process of 2 threads (2 cores; 0.92x with
+                                # that process's threads spinning, OMP_WAIT_POLICY=ACTIVE)
 PYTHON=${PYTHON:-python}
 # -----------------------------------------------------------------------------
 
