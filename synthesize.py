@@ -138,8 +138,10 @@ def reference_strategy(pi, q, form, alpha):
             return {"code": 0.0, "cot": 1.0}
         return {c: weight[c] / total for c in METHODS}
     if form == "tempered":
-        # s*(c|x) ∝ exp(α·π(c|x)·Q(x,c)), written as a logistic of the score gap to stay finite.
-        p_code = 1.0 / (1.0 + math.exp(-alpha * (score["code"] - score["cot"])))
+        # s*(c|x) ∝ exp(α·π(c|x)·Q(x,c)), written as a logistic of the score gap to stay finite: the exponent is
+        # made ≤ 0 on either side of the gap, so a large α gives 0 or 1, never an overflow.
+        gap = alpha * (score["code"] - score["cot"])
+        p_code = 1.0 / (1.0 + math.exp(-gap)) if gap >= 0 else math.exp(gap) / (1.0 + math.exp(gap))
         return {"code": p_code, "cot": 1.0 - p_code}
     if form == "argmax":
         # α → ∞: s* = 1 on argmax_c π(c|x)·Q(x,c). A tie goes to CoT, never to a coin flip; with
@@ -163,10 +165,12 @@ def whiten(rewards, eps):
     """A_i = (r_i − mean(r)) / (std(r) + eps) within one query's group (population std). A group where
     every reward is the same gets A = 0 for all: the RL term has nothing to compare."""
     n = len(rewards)
+    if max(rewards) == min(rewards):
+        # also with eps = 0: the zero-variance group's A = 0, not 0 / 0 (asked of the rewards themselves: the std of
+        # [0.7, 0.7, 0.7] computes as 1e-16, not 0)
+        return [0.0] * n
     mean = sum(rewards) / n
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
-    if std == 0:
-        return [0.0] * n          # also with eps = 0: the zero-variance group's A = 0, not 0 / 0
     return [(r - mean) / (std + eps) for r in rewards]
 
 

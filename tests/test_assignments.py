@@ -1,13 +1,13 @@
 """Negative controls of the assignments (assignments/): every unit check passes on the reference, fails when its own
 functions are blanked, is not blocked by any other assignment, and catches a planted bug.
 
-    python -m pytest tests/test_assignments.py -q        # ~1 minute on 2 cores (three unit runs, in parallel)
+    python -m pytest tests/test_assignments.py -q        # ~1.5 minutes on 2 cores (four unit runs, two at a time)
 
 How, cheaply: one `check.py all --unit` on the repo (everything passes), one on a student version with everything
 blanked (each assignment fails with exit 1: its own NotImplementedError, never 2, which would mean it reached
-another assignment's blank), one on a copy with one planted bug per assignment (each fails). Blanking one assignment
-at a time is checked without pytest: its functions become the marker and every other assignment's function is
-byte-identical to the reference, so by the all-blanked run its checks cannot see it either way.
+another assignment's blank), two on copies with one planted bug per assignment each (each fails). Blanking one
+assignment at a time is checked without pytest: its functions become the marker and every other assignment's
+function is byte-identical to the reference, so by the all-blanked run its checks cannot see it either way.
 """
 import json
 import os
@@ -50,6 +50,43 @@ PLANTED = {
            "decimals match irrational values to 1e-2"),
 }
 
+# A second bug per assignment, of another kind, in a second copy: each was missed by an earlier version of the checks.
+PLANTED_AGAIN = {
+    "A1": ("synthesize.py",
+           "p_code = 1.0 / (1.0 + math.exp(-gap)) if gap >= 0 else math.exp(gap) / (1.0 + math.exp(gap))",
+           'p_code = math.exp(alpha * score["code"]) / (math.exp(alpha * score["code"]) + math.exp(alpha * score["cot"]))',
+           "the tempered form as a ratio of two exponentials (overflows at a large α)"),
+    "A2": ("synthesize.py", "    if max(rewards) == min(rewards):", "    if False:",
+           "no zero-variance guard: 0 / 0 at eps = 0"),
+    "A3": ("synthesize.py", 'if failed.get("finish_reason") == "eos":', 'if failed.get("finish_reason") != "length":',
+           "a failed attempt that ended on a stop string or max_calls loses its last token"),
+    "A4": ("train.py", "ratio = torch.exp(logprobs - behaviour_logprobs)",
+           "ratio = torch.exp((logprobs - behaviour_logprobs).clamp(-5.0, 5.0))", "the ratio itself capped at e^5"),
+    "A5": ("model.py", "grad_hidden = torch.zeros(hidden.shape, dtype=float_dtype",
+           "grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype", "d hidden accumulated in bf16"),
+    "A6": ("model.py", "cos, sin = self.rope_tables(capacity, x.dtype)", "cos, sin = self.rope_tables(n, x.dtype)",
+           "the rotary table sized by the batch, not by the cache's capacity"),
+    "A7": ("model.py", "if any(tail.endswith(s) for s in rules.stop_strings):",
+           "if any(tail.rstrip().endswith(s) for s in rules.stop_strings):",
+           "stop strings compared with the stripped tail (a whitespace stop string never stops)"),
+    "A8": ("sandbox.py", "outputs[fd] += chunk[: cap + 1 - len(outputs[fd])]", "outputs[fd] += chunk[: cap + 1]",
+           "the cap forgets the bytes already kept"),
+    "A9": ("grade.py", "complex(point[0] + 0.37 * k, imaginary * point[1])",
+           "complex(point[0] + 0.37 * (k + 1), imaginary * point[1])", "variables shifted off the fixed points"),
+}
+
+
+def planted_copy(out, bugs):
+    """An exact copy of the repo with every bug of `bugs` written in."""
+    student_copy(out, "A10")                                # A10 has no functions: an exact copy
+    for aid, (path, old, new, _) in bugs.items():
+        file = out / path
+        text = file.read_text()
+        assert text.count(old) == 1, (f"the planted bug of {aid} no longer applies: {path} changed (expected the "
+                                      f"text {old!r} once); update the planted bugs in tests/test_assignments.py")
+        file.write_text(text.replace(old, new))
+    return out
+
 
 def student_copy(out, only):
     result = subprocess.run([sys.executable, MAKE, "--only", only, str(out)], capture_output=True, text=True)
@@ -73,22 +110,20 @@ def finish(process, json_path):
 
 @pytest.fixture(scope="module")
 def unit_runs(tmp_path_factory):
-    """The three unit runs, two at a time (2 cores): the reference repo, all blanked, one planted bug each."""
+    """The four unit runs, two at a time (2 cores): the reference repo, all blanked, and two copies with one planted
+    bug per assignment each."""
     tmp = tmp_path_factory.mktemp("assignments")
     blank = student_copy(tmp / "all_blanked", "all")
-    planted = student_copy(tmp / "planted", "A10")          # A10 has no functions: an exact copy
-    for aid, (path, old, new, _) in PLANTED.items():
-        file = planted / path
-        text = file.read_text()
-        assert text.count(old) == 1, (f"the planted bug of {aid} no longer applies: {path} changed (expected the "
-                                      f"text {old!r} once); update PLANTED in tests/test_assignments.py")
-        file.write_text(text.replace(old, new))
+    planted = planted_copy(tmp / "planted", PLANTED)
+    planted_again = planted_copy(tmp / "planted_again", PLANTED_AGAIN)
     runs = {}
     first = {"repo": start_units(REPO, tmp / "repo.json"), "blank": start_units(blank, tmp / "blank.json")}
     runs["blank"] = finish(first.pop("blank"), tmp / "blank.json")
     planted_run = start_units(planted, tmp / "planted.json")
     runs["repo"] = finish(first.pop("repo"), tmp / "repo.json")
+    again_run = start_units(planted_again, tmp / "planted_again.json")
     runs["planted"] = finish(planted_run, tmp / "planted.json")
+    runs["planted_again"] = finish(again_run, tmp / "planted_again.json")
     return runs
 
 
@@ -138,6 +173,9 @@ def test_blanking_one_assignment_touches_only_its_functions(tmp_path, aid):
 def test_a_planted_bug_is_caught(unit_runs, aid):
     codes, output = unit_runs["planted"]
     assert codes[aid] == 1, f"{aid}'s unit check missed the planted bug ({PLANTED[aid][3]}):\n{output[-3000:]}"
+    codes, output = unit_runs["planted_again"]
+    assert codes[aid] == 1, (f"{aid}'s unit check missed the second planted bug ({PLANTED_AGAIN[aid][3]}):\n"
+                             f"{output[-3000:]}")
 
 
 def test_one_check_alone_from_the_command_line(tmp_path):

@@ -102,6 +102,10 @@ def test_pi_without_native_rollouts():
     assert got["code"] == approx(0.5) and got["cot"] == approx(0.5), f"no natives, prior 1: 1/2, got {got}"
     with pytest.raises(ValueError):
         S.estimate_pi([], 0.0)
+    with pytest.raises(ValueError):
+        S.estimate_pi([], -1.0)
+    got = S.estimate_pi([], 0.25)
+    assert got["code"] == approx(0.5), f"no natives, prior 0.25: (0 + 0.25) / (0 + 0.5) = 1/2, got {got}"
 
 
 def test_pi_is_a_distribution_over_both_methods():
@@ -156,10 +160,29 @@ def test_tempered_is_a_logistic_of_the_score_gap():
     assert got["code"] + got["cot"] == approx(1.0)
 
 
+def test_tempered_stays_finite_at_a_large_alpha():
+    """reference_strategy tempered: at α = 2000 the form is all but the argmax, on either side, with no overflow
+    (exp(α πQ) alone would be exp(1800))"""
+    got = s(0.5, 0.9, 0.8, "tempered", 2000.0)
+    assert got["code"] == approx(1.0) and got["cot"] == approx(0.0), f"code's score is higher: got {got}"
+    got = s(0.5, 0.8, 0.9, "tempered", 2000.0)
+    assert got["code"] == approx(0.0) and got["cot"] == approx(1.0), f"CoT's score is higher: got {got}"
+    for q_code, q_cot, expected in ((0.0, 0.9, 0.0), (0.9, 0.0, 1.0)):
+        got = s(0.5, q_code, q_cot, "tempered", 2000.0)
+        assert got["code"] == approx(expected), (f"π = 1/2, Q = {q_code} / {q_cot}, α = 2000: α times the score gap is "
+                                                 f"±900, and e^900 overflows; s*(code) = {expected}, got {got}")
+
+
 def test_tempered_alpha_zero_and_equal_scores_give_one_half():
     """reference_strategy tempered: α = 0, or equal π·Q, is a coin flip of 1/2 (the tempered form has no tie rule)"""
     assert s(0.2, 0.9, 0.1, "tempered", 0.0)["code"] == approx(0.5)
     assert s(0.5, 0.7, 0.7, "tempered", 10.0)["code"] == approx(0.5)
+
+
+def test_tempered_compares_negative_scores_as_they_are():
+    """reference_strategy tempered: no floor at 0 (that is the posterior's rule): π·Q = -0.05 vs -0.15"""
+    got = s(0.5, -0.1, -0.3, "tempered", 10.0)
+    assert got["code"] == approx(1 / (1 + math.exp(-10 * 0.1))), f"gap 0.1, α 10: {1 / (1 + math.exp(-1)):.4f}, got {got}"
 
 
 def test_tempered_uses_pi_times_q():
@@ -176,6 +199,11 @@ def test_argmax_picks_the_larger_pi_times_q():
         "π·Q = 0.158 (code) vs 0.208 (cot): argmax is CoT"
     got = s(0.1, 0.9, 0.2, "argmax")
     assert got == {"code": 0.0, "cot": 1.0}, f"Q favours code but π·Q = 0.09 < 0.18: CoT, got {got}"
+    got = s(0.5, -0.1, -0.3, "argmax")
+    assert got == {"code": 1.0, "cot": 0.0}, (f"CoT-guided rollouts that ran code can make Q(cot) < 0: the scores are "
+                                              f"compared as they are (-0.05 > -0.15: code), got {got}")
+    got = s(0.5, 0.8000001, 0.8, "argmax")
+    assert got == {"code": 1.0, "cot": 0.0}, f"π·Q = 0.40000005 > 0.4: close is not a tie, code; got {got}"
 
 
 def test_argmax_ties_go_to_cot():

@@ -169,6 +169,10 @@ def test_whiten_zero_variance_groups_get_zero_advantage():
         assert got == approx_list([0.0] * len(rewards)), f"rewards {rewards}: all advantages 0, got {got}"
     got = S.whiten([1.0, 1.0, 1.0], 1e-6)
     assert all(a == 0.0 for a in got), f"rewards 1, 1, 1: exactly 0 (r - mean is 0), got {got}"
+    for rewards in ([1.0, 1.0, 1.0], [0.7, 0.7, 0.7]):
+        got = S.whiten(rewards, 0.0)
+        assert got == [0.0] * 3, (f"eps = 0 (--adv_eps=0): rewards {rewards} are all equal, so all 0, not 0 / 0 (nor "
+                                  f"float noise over float noise: the std of [0.7] * 3 computes as 1e-16); got {got}")
 
 
 def test_whiten_keeps_order_and_length_and_centres():

@@ -76,6 +76,10 @@ def test_training_record_strips_the_guidance_but_keeps_the_behaviour_logprobs():
     assert got["source_mode"] == "cot" and got["method"] == "cot"
     assert got["reward"] == 0.0 and isinstance(got["reward"], float), f"reward float(correct): {got['reward']!r}"
     assert got["advantage"] == -0.5 and got["sft"] is False
+    got = S.training_record(r, -0.5, True)
+    assert got["sft"] is True and got["reward"] == 0.0, (
+        f"sft is the argument, as given (which records join the λ term is the caller's choice, not the record's "
+        f"correctness); got sft {got['sft']!r}")
 
 
 def test_training_record_masks_the_tool_output():
@@ -135,6 +139,19 @@ def test_reflective_record_by_hand():
 
 def test_reflective_record_keeps_a_failed_attempt_that_did_not_end_with_eos():
     """reflective_record: only an EOS-terminated failed attempt loses its last token"""
+    failed, success = rollout("cot", k=1, correct=False), rollout("code", k=3, calls=1)
+    copies = [list(failed["response_ids"]), list(success["response_ids"])]
+    first = S.reflective_record(failed, success, [50])
+    again = S.reflective_record(failed, success, [50])
+    assert [failed["response_ids"], success["response_ids"]] == copies and again == first, (
+        "reflective_record must not change the rollouts it is given (dropping the EOS from the caller's own list "
+        "cuts one more token at every call)")
+    for reason in ("stop", "max_calls", None):
+        failed = rollout("code", k=0, correct=False, calls=1, finish_reason=reason)
+        got = S.reflective_record(failed, rollout("cot", k=2), [60])
+        assert got["response_ids"][:len(failed["response_ids"]) + 1] == failed["response_ids"] + [60], (
+            f"finish_reason {reason!r}: its last token is no EOS, so the failed response is kept whole; got "
+            f"{got['response_ids']}")
     failed = rollout("code", k=0, correct=False, calls=1, finish_reason="length")
     success = rollout("cot", k=2)
     got = S.reflective_record(failed, success, [60])

@@ -56,6 +56,11 @@ def test_the_ratio_is_against_the_behaviour_logprobs():
     assert grad == approx([-0.5]), f"d(-ρA)/d log π_θ = -ρA = -0.5; got {grad}"
     loss, _, _ = loss_of([(0.6, 0.3, 1.0, False)], clip_eps=2.0, sft_weight=0.0, dual_clip=0.0)
     assert loss == approx(-2.0), f"π_θ = 0.6, π_b = 0.3: ρ = 2, loss -2; got {loss}"
+    loss, grad, stats = loss_of([(0.5, 0.0005, -1.0, False)], clip_eps=0.2, sft_weight=0.0, dual_clip=0.0)
+    assert loss == approx(1000.0, 1e-6) and grad == approx([1000.0], 1e-6), (
+        f"π_θ = 0.5, π_b = 0.0005: ρ = 1000 exactly (no cap on the ratio itself), A = -1, dual clip off: the min keeps "
+        f"ρA = -1000, loss 1000, gradient -ρA = 1000; got loss {loss}, gradient {grad}")
+    assert stats["ratio"] == approx(1000.0, 1e-6), f"the stats sum the same ratio: {stats['ratio']}"
 
 
 def test_clip_range_follows_eps():
@@ -96,6 +101,19 @@ def test_seven_tokens_with_defaults_but_lambda():
     assert grad == approx([-g / 7 for g in (0, 0.5, -2.0, 0, 2.2, 0, 0.5)])
 
 
+def test_the_defaults_are_the_papers():
+    """m_step_loss: called without clip_eps, sft_weight and dual_clip it uses ε = 0.2, λ = 1 and c = 3"""
+    tokens = [(0.5, 0.1, -1.0, False),    # ρ = 5, A = -1: min(-5, -1.2) = -5, held at c·A = -3 by the dual clip
+              (0.5, 0.5, 0.0, True),      # ρ = 1, A = 0, sft: the λ term λ·log 0.5
+              (0.5, 0.25, 1.0, False)]    # ρ = 2, A = 1: clipped at 1 + ε = 1.2
+    loss, grad, stats = loss_of(tokens)
+    expected = -(-3.0 + math.log(0.5) + 1.2) / 3
+    assert loss == approx(expected), (f"defaults ε = 0.2, λ = 1, c = 3: terms -3, log 0.5, 1.2, loss {expected}; "
+                                      f"got {loss}")
+    assert grad == approx([0.0, -1.0 / 3, 0.0]), f"only the λ term moves (-λ/N); got {grad}"
+    assert stats["dual_clipped"] == 1 and stats["clipped"] == 2, stats
+
+
 def test_normalised_by_the_token_count_of_the_whole_step():
     """m_step_loss: divided by n_tokens (the step's trainable tokens), not by this call's token count"""
     tokens = [(0.3, 0.3, 1.0, False), (0.3, 0.3, -0.5, True)]
@@ -132,6 +150,18 @@ def test_no_tokens_no_loss():
                                     clip_eps=0.2, sft_weight=1.0, dual_clip=3.0)
     assert loss.item() == 0.0, f"0 tokens of a 5-token step: loss 0, got {loss.item()}"
     assert stats["tokens"] == 0
+    logprobs = empty.clone().requires_grad_()
+    loss, _ = train.m_step_loss(logprobs, empty, empty, empty.bool(), 5, clip_eps=0.2, sft_weight=1.0, dual_clip=3.0)
+    loss.backward()                     # train.py calls backward on every micro-batch's loss, empty or not
+    assert logprobs.grad is not None and logprobs.grad.numel() == 0
+
+
+def test_the_ratio_of_two_tiny_probabilities():
+    """m_step_loss: ρ from the difference of the log-probs, so π_θ = e^-120, π_b = e^-120.5 in fp32 gives ρ = e^0.5,
+    not 0 / 0 (e^-120 is below fp32's smallest number)"""
+    loss, stats = train.m_step_loss(torch.tensor([-120.0]), torch.tensor([-120.5]), torch.tensor([1.0]),
+                                    torch.tensor([False]), 1, clip_eps=1.0, sft_weight=0.0, dual_clip=0.0)
+    assert loss.item() == pytest.approx(-math.exp(0.5), rel=1e-5), f"ρ = e^0.5 = 1.6487, loss -ρA; got {loss.item()}"
 
 
 def test_dual_clip_by_hand():

@@ -12,6 +12,10 @@ def naive(hidden, weight, targets, temperature=1.0):
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
+def naive_fp64(hidden, weight, targets, temperature=1.0):
+    return torch.log_softmax(hidden @ weight.T / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
 def make(rows, vocab=50, width=16, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     hidden = (scale * torch.randn(rows, width, generator=g)).to(dtype).requires_grad_()
@@ -142,6 +146,46 @@ def test_bf16_inputs_give_bf16_gradients_close_to_fp32():
     for name, got, ref in (("d hidden", h.grad, expected[0]), ("d weight", w.grad, expected[1])):
         error = (got.float() - ref).abs().max().item() / ref.abs().max().item()
         assert error < 0.05, f"bf16 {name} is off by {error:.3f} of its scale from fp32"
+
+
+def test_bf16_gradients_are_accumulated_in_fp32_over_many_tiles():
+    """backward: d hidden sums one term per vocabulary tile; in bf16 that running sum loses its low bits at each of
+    256 tiles, in fp32 (cast once at the end) it does not. The rows of the weight share one direction, so the sum is
+    large next to what is left of it (W_t - Σ p W)"""
+    g = torch.Generator().manual_seed(11)
+    hidden = (0.05 * torch.randn(64, 64, generator=g)).bfloat16()
+    weight = (torch.randn(4096, 64, generator=g) + 4 * torch.randn(64, generator=g)).bfloat16()
+    targets, upstream = torch.randint(4096, (64,), generator=g), torch.randn(64, generator=g)
+    expected = grads(naive, hidden.float().requires_grad_(), weight.float().requires_grad_(), targets, upstream)
+    got = grads(fused_logprobs, hidden.clone().requires_grad_(), weight.clone().requires_grad_(), targets, upstream,
+                chunk_size=64, vocab_tile=16)
+    for name, a, b in zip(("d hidden", "d weight"), got, expected):
+        error = (a.float() - b).abs().max().item() / b.abs().max().item()
+        assert error < 0.02, (f"bf16 {name} over 256 vocabulary tiles is off by {error:.3f} of its scale from fp32 "
+                              f"(the same bf16 inputs): accumulate in fp32 and cast once at the end")
+
+
+def test_float64_inputs_get_float64_precision():
+    """backward: fp64 inputs are accumulated in fp64 (the dtype of the forward's log-sum-exp), not rounded to fp32"""
+    hidden, weight, targets, upstream = make(12, vocab=40, width=8, dtype=torch.float64, seed=12)
+    expected = grads(naive_fp64, hidden, weight, targets, upstream)
+    got = grads(fused_logprobs, hidden, weight, targets, upstream, chunk_size=5, vocab_tile=7)
+    for name, a, b in zip(("d hidden", "d weight"), got, expected):
+        error = (a - b).abs().max().item()
+        assert a.dtype == torch.float64 and error < 1e-12, (
+            f"fp64 {name}: dtype {a.dtype}, off by {error:.1e} from the fp64 naive gradient (fp32 arithmetic "
+            f"leaves ~1e-7)")
+
+
+def test_backward_keeps_every_tensor_on_the_inputs_device():
+    """backward: every buffer it makes is on the inputs' device (run on PyTorch's "meta" device, which holds shapes
+    and no data: a tensor made without device= lands on the CPU and the step fails, as it would on a GPU)"""
+    hidden = torch.empty(6, 8, device="meta", requires_grad=True)
+    weight = torch.empty(20, 8, device="meta", requires_grad=True)
+    targets = torch.zeros(6, dtype=torch.long, device="meta")
+    FusedLogprobs.apply(hidden, weight, targets, 4, 8, 1.0, False).sum().backward()   # (autocast knows no "meta")
+    assert hidden.grad.device.type == "meta" and weight.grad.device.type == "meta"
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
 
 
 def test_backward_returns_one_gradient_per_forward_input():

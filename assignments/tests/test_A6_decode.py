@@ -151,6 +151,47 @@ def test_a_cache_that_grew_between_steps():
             assert_close(hidden[i], full_hidden(net, seq), f"after growing the cache, step {j}, row {i}")
 
 
+def test_positions_past_the_rotary_table_built_so_far():
+    """step: the rotary table must cover the cache's capacity (the model builds at most 4,096 positions up front)"""
+    torch.manual_seed(6)
+    config = M.Config(vocab_size=50, hidden_size=16, num_hidden_layers=1, intermediate_size=24,
+                      max_position_embeddings=8192, num_attention_heads=2, num_key_value_heads=2)
+    net = M.Transformer(config)
+    M.init_weights(net, std=0.15)
+    net.eval()
+    g = torch.Generator().manual_seed(7)
+    seq = torch.randint(2, 50, (4100,), generator=g).tolist()
+    cache = prefilled(net, [seq], capacity=4104)
+    hidden = step(net, cache, [9], [4100])
+    assert_close(hidden[0], full_hidden(net, seq + [9]), "a token at position 4,100 of a 4,104-position cache")
+
+
+def test_step_makes_every_tensor_on_the_models_device():
+    """step: everything it builds is on the model's device and comes from tensors, never from host data (a GPU's
+    CUDA graph holds the step). Run on PyTorch's "meta" device: shapes, no data, and no .item() / .tolist()"""
+    net = make_model("gqa").to("meta")
+    cache = M.KVCache(net.config, 3, 16, torch.float32, "meta")
+    with torch.no_grad():
+        hidden = net.step(torch.zeros(2, 1, dtype=torch.long, device="meta"), (cache.k, cache.v),
+                          torch.tensor([4, 7], device="meta"))
+    assert hidden.device.type == "meta" and tuple(hidden.shape) == (2, 1, net.config.hidden_size)
+
+
+def test_a_bf16_model_steps_in_bf16():
+    """step: a bf16 model with a bf16 cache (explore.py's default on a GPU) steps in bf16, close to its full forward"""
+    net = make_model("gqa").bfloat16()
+    seqs = prompts(lengths=(4, 7))
+    cache = M.KVCache(net.config, len(seqs), 16, torch.bfloat16, "cpu")
+    with torch.no_grad():
+        net.prefill(seqs, (cache.k, cache.v))
+        hidden = net.step(torch.tensor([[20], [21]]), (cache.k, cache.v), torch.tensor([4, 7]))
+    assert hidden.dtype == torch.bfloat16, f"a bf16 model's step returns bf16 hidden states, got {hidden.dtype}"
+    for i, (seq, token) in enumerate(zip(seqs, [20, 21])):
+        expected = full_hidden(net, seq + [token]).float()
+        error = (hidden[i, 0].float() - expected).abs().max().item() / expected.abs().max().item()
+        assert error < 0.05, f"row {i}: the bf16 step is off by {error:.3f} of its scale from the bf16 full forward"
+
+
 def test_greedy_decoding_with_the_cache_equals_decoding_without():
     """step: a greedy decode of 20 tokens through prefill + step gives the tokens of generate_reference"""
     net = make_model("gqa", seed=4)

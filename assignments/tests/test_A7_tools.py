@@ -47,6 +47,28 @@ class PrefixSpaceTokenizer(CharTokenizer):
         return [self.ids[" "]] + super().encode(text)
 
 
+class ByteTokenizer:
+    """One token per UTF-8 byte (id 0 is EOS), as byte-level BPE without merges: "∎" is three tokens."""
+    eos_token_id = 0
+
+    def __len__(self):
+        return 257
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids):
+        return bytes(i - 1 for i in ids if i > 0).decode(errors="replace")
+
+
+class SentencePieceLikeTokenizer(PrefixSpaceTokenizer):
+    """A prefix space on encode, and (like Llama's) the leading space of the decoded text dropped on decode."""
+
+    def decode(self, ids):
+        text = super().decode(ids)
+        return text[1:] if text.startswith(" ") else text
+
+
 def rules(tokenizer, max_new_tokens=500, context=1000, stop=(), tool=True, max_calls=2, eos=(0,)):
     return M._Rules(eos=set(eos), max_new_tokens=max_new_tokens, context=context, tokenizer=tokenizer,
                     stop_strings=list(stop), has_tool=tool, max_calls=max_calls)
@@ -122,6 +144,46 @@ def test_stop_strings():
     feed(row, tok, "x", r)
     assert row.finish_reason is None, ("the text holds the stop string (injected) but does not END with it: the row "
                                        "goes on")
+    row, r = M._Row(3, 1), rules(tok, stop=["\n\n"], tool=False)
+    feed(row, tok, "step 1\n\n", r)
+    assert row.finish_reason == "stop", (f"a stop string of whitespace ('\\n\\n') stops the row too: compare the tail "
+                                         f"as it is, not stripped; got {row.finish_reason!r}")
+
+
+def test_stop_strings_over_multibyte_characters():
+    """add_token: with one token per byte, a stop string of one character (three bytes) still stops the row: the tail
+    must be decoded from enough tokens to hold it (TAIL_EXTRA_TOKENS more than its characters)"""
+    tok = ByteTokenizer()
+    row, r = M._Row(3, 1), rules(tok, stop=["∎"], tool=False)
+    feed(row, tok, "so 42 ", r)
+    assert row.finish_reason is None
+    feed(row, tok, "∎", r)
+    assert row.finish_reason == "stop", (f"the text ends with '∎' (3 tokens for 1 character): 'stop', got "
+                                         f"{row.finish_reason!r}")
+    row, r = M._Row(3, 1), rules(tok, stop=["∎∎∎∎"], tool=False)
+    feed(row, tok, "so ∎∎∎∎", r)
+    assert row.finish_reason == "stop", (f"a stop string of 4 characters is 12 byte tokens: decode the last "
+                                         f"tail_chars + TAIL_EXTRA_TOKENS = 12 of them; got {row.finish_reason!r}")
+
+
+def test_a_stop_string_is_tested_before_the_trigger():
+    """add_token: when one token completes a stop string and the trigger, the row stops (no call)"""
+    tok = CharTokenizer(merges=["output\n\n"])
+    row, r = M._Row(3, 1), rules(tok, stop=["\n\n"])
+    returned = feed(row, tok, "```python\nprint(1)\n```\n```output\n\n", r)
+    assert row.finish_reason == "stop" and returned[-1] is False and not row.waiting, (
+        f"'output\\n\\n' completes both ```output and the stop string '\\n\\n': the stop string wins, got "
+        f"finish_reason {row.finish_reason!r}, waiting {row.waiting}")
+
+
+def test_a_row_at_its_length_limit_makes_no_call():
+    """add_token: the token that completes ```output at max_new_tokens ends the row ("length"): no call"""
+    tok = CharTokenizer()
+    row, r = M._Row(3, 1), rules(tok, max_new_tokens=len(CALL))
+    returned = feed(row, tok, CALL, r)
+    assert row.finish_reason == "length" and returned[-1] is False and not row.waiting, (
+        f"the trigger's last token is the row's last allowed one: 'length', no call; got finish_reason "
+        f"{row.finish_reason!r}, returned {returned[-1]!r}")
 
 
 def test_the_trigger_pauses_the_row():
@@ -157,6 +219,13 @@ def test_a_whitespace_token_after_the_trigger_is_no_new_call():
     assert row.add_token(tok.ids["\n"], True, -0.1, r) is False and not row.waiting, (
         "the text still ends with ```output after stripping whitespace, but this token is only whitespace: no call")
     assert row.add_token(tok.ids[" "], True, -0.1, r) is False and not row.waiting
+    merged = CharTokenizer(merges=["\n\n", "  \n"])
+    for piece in ("\n\n", "  \n"):
+        row = M._Row(3, 1)
+        row.tokens = merged.encode(CALL)
+        row.sampled_mask, row.logprobs = [1] * len(row.tokens), [-0.5] * len(row.tokens)
+        assert row.add_token(merged.ids[piece], True, -0.1, rules(merged)) is False and not row.waiting, (
+            f"a token of whitespace alone ({piece!r}, several characters) after ```output: no new call")
 
 
 def test_injected_text_never_calls_the_tool():
@@ -223,6 +292,14 @@ def test_inject_encodes_a_continuation_of_the_row():
         f"the row must read its text plus tool_injection('42') exactly; got "
         f"{tok.decode(forced[1:])!r} (a SentencePiece-style tokenizer adds a space to text encoded on its own: "
         f"use encode_continuation)")
+    tok = SentencePieceLikeTokenizer()
+    row = M._Row(3, 1)
+    row.tokens = CharTokenizer().encode("abc" + TRIGGER)
+    row.inject("42", False, tok)
+    assert tok.decode(row.tokens + list(row.forced)) == "abc" + TRIGGER + "\n42\n```\n", (
+        f"a tokenizer that drops the leading space when it decodes: the injected tokens must continue THIS row's "
+        f"tokens (encode_continuation with the row's tokens as context, not an empty one); got "
+        f"{tok.decode(row.tokens + list(row.forced))!r}")
 
 
 def test_tool_returned_counts_the_call_and_injects_its_output():
@@ -392,6 +469,13 @@ def test_collect_reports_a_broken_tool():
         calls.submit([waiting_row(tok)])
         with pytest.raises(RuntimeError, match="2 results for 1"):
             calls.collect(block=True)
+    finally:
+        calls.close()
+    calls = M._ToolCalls(lambda responses: [("a", "ok")], 1, tok)
+    try:
+        calls.submit([waiting_row(tok), waiting_row(tok)])
+        with pytest.raises(RuntimeError, match="1 results for 2"):
+            calls.collect(block=True)      # too few: the second row would wait for ever
     finally:
         calls.close()
 

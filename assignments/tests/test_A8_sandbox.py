@@ -26,11 +26,25 @@ LIMITS = dict(sandbox.DEFAULT_LIMITS)
 
 
 # --------------------------------------------------------------------------- direct: _watch on a forked child
-def watched(child, timeout=2.0, output_bytes=65536, features=None):
-    """Fork a child running child(out_w, err_w, status_w) (it must os._exit), then _watch it."""
+def wait_until_exited(pid, limit=5.0):
+    """Until the child is a zombie (exited, not reaped), at most `limit` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.01)
+
+
+def watched(child, timeout=2.0, output_bytes=65536, features=None, stdout_pipe_size=None, exited_first=False):
+    """Fork a child running child(out_w, err_w, status_w) (it must os._exit), then _watch it. stdout_pipe_size: that
+    pipe's buffer in bytes; exited_first: call _watch only once the child has exited (a zombie, not reaped)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     status_r, status_w = os.pipe()
+    if stdout_pipe_size:
+        import fcntl
+        fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, stdout_pipe_size)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -42,6 +56,8 @@ def watched(child, timeout=2.0, output_bytes=65536, features=None):
             os._exit(99)
     for fd in (out_w, err_w, status_w):
         os.close(fd)
+    if exited_first:
+        wait_until_exited(pid)
     limits = dict(LIMITS, timeout=timeout, output_bytes=output_bytes)
     # pid_ns: True, so _watch does not sweep this (pytest's) process's other children; the child is killed by pid
     result = sandbox._watch(pid, out_r, err_r, status_r, start, limits, features or {"pid_ns": True})
@@ -85,10 +101,40 @@ def test_the_clock_kills_a_child_that_runs_too_long():
         os._exit(0)
     (verdict, stdout, _, _, wait_status, _), elapsed, pid, _ = watched(child, timeout=0.3)
     assert verdict == "timeout", f"a 5 s sleep under a 0.3 s clock: 'timeout', got {verdict!r}"
-    assert 0.25 < elapsed < 2.0, f"killed after about 0.3 s, took {elapsed:.2f} s"
+    assert 0.25 < elapsed < 0.8, f"killed after about 0.3 s (the clock is not rounded to seconds), took {elapsed:.2f} s"
     assert os.waitstatus_to_exitcode(wait_status) == -signal.SIGKILL, f"killed by SIGKILL, wait status {wait_status}"
     assert bytes(stdout) == b"started\n", "what the child printed before the clock ran out is kept"
     assert reaped(pid)
+
+
+def test_the_clock_is_kept_while_output_arrives():
+    """_watch: select waits for the time LEFT, so output just before the deadline does not push the kill back"""
+    def late_line(out, err, status):
+        os.write(status, b"R")
+        time.sleep(0.7)
+        os.write(out, b"late\n")
+        time.sleep(5)
+        os._exit(0)
+    (verdict, stdout, *_), elapsed, _, _ = watched(late_line, timeout=1.0)
+    assert verdict == "timeout" and bytes(stdout) == b"late\n", (verdict, stdout)
+    assert elapsed < 1.5, (f"a line at 0.7 s of a 1 s clock, then silence: killed at about 1 s, took {elapsed:.2f} s "
+                           f"(wait in select for the time that remains, not for the whole timeout again)")
+
+
+def test_a_child_that_closes_its_pipes_is_watched_until_it_exits():
+    """_watch: both output pipes at EOF is not the end: the child may still be running (the pidfd says when it ends)"""
+    def closes_early(out, err, status):
+        os.write(status, b"R")
+        os.write(out, b"hi")
+        os.close(out)
+        os.close(err)
+        time.sleep(0.3)
+        os._exit(5)
+    (verdict, stdout, _, _, wait_status, _), elapsed, pid, _ = watched(closes_early)
+    assert verdict is None and bytes(stdout) == b"hi", (verdict, stdout)
+    assert os.waitstatus_to_exitcode(wait_status) == 5, (
+        f"the child closed stdout and stderr, then exited 5 after 0.3 s: its own exit status 5, not a kill; got "
+        f"{os.waitstatus_to_exitcode(wait_status)} after {elapsed:.2f} s")
 
 
 def test_the_clock_starts_when_setup_reports_ready():
@@ -127,6 +173,80 @@ def test_output_beyond_the_cap_stops_the_run():
             os.write(err, b"e" * 10_000)
     (verdict, _, stderr, *_), _, _, _ = watched(flood_stderr, timeout=5, output_bytes=500)
     assert verdict == "output_limit" and 500 < len(stderr) <= 501, (verdict, len(stderr))
+
+
+def test_the_cap_is_per_pipe_and_keeps_the_head():
+    """_watch: the cap counts each pipe on its own, exactly cap bytes is not over it, and what is kept is the first
+    bytes written (cap + 1 of them), however the writes are split"""
+    def exactly_the_cap(out, err, status):
+        os.write(status, b"R")
+        os.write(out, b"o" * 600)
+        os.write(err, b"e" * 1000)
+        os.write(out, b"o" * 400)
+        os._exit(0)
+    (verdict, stdout, stderr, *_), _, _, _ = watched(exactly_the_cap, output_bytes=1000)
+    assert verdict is None and len(stdout) == 1000 and len(stderr) == 1000, (
+        f"1,000 bytes on stdout and 1,000 on stderr under a cap of 1,000: within the cap on each pipe (it is per pipe, "
+        f"and 'over' means more than cap), so no verdict; got {verdict!r} with {len(stdout)} and {len(stderr)} bytes")
+
+    def counted(out, err, status):
+        os.write(status, b"R")
+        os.write(out, bytes(range(48, 58)) * 60)    # 600 bytes: 0123456789...
+        time.sleep(0.2)                             # two separate reads
+        os.write(out, b"abcdefghij" * 60)           # 600 more
+        time.sleep(3)
+        os._exit(0)
+    (verdict, stdout, *_), elapsed, _, _ = watched(counted, timeout=5, output_bytes=1000)
+    expected = (bytes(range(48, 58)) * 60 + b"abcdefghij" * 60)[:1001]
+    assert verdict == "output_limit" and bytes(stdout) == expected, (
+        f"600 bytes, then 600 more, under a cap of 1,000: 'output_limit' and the first 1,001 bytes (the head, counting "
+        f"what was already kept); got {verdict!r} with {len(stdout)} bytes, starting {bytes(stdout)[:12]!r}, ending "
+        f"{bytes(stdout)[-12:]!r}")
+    assert elapsed < 2.0, f"stopped when the cap was passed, not at the clock ({elapsed:.1f} s)"
+
+
+def test_setup_has_its_own_budget_of_ten_seconds():
+    """_watch: before b"R" the deadline is setup's 10 s, not the snippet's timeout"""
+    def slow_setup(out, err, status):
+        time.sleep(1.5)                  # setup slower than the snippet's whole clock
+        os.write(status, b"R")
+        os.write(out, b"hi")
+        os._exit(0)
+    (verdict, stdout, *_), elapsed, _, _ = watched(slow_setup, timeout=1.0)
+    assert verdict is None and bytes(stdout) == b"hi", (
+        f"setup took 1.5 s (within its 10 s), then the snippet printed at once under a 1 s clock: no timeout and "
+        f"b'hi'; got {verdict!r}, {bytes(stdout)!r} after {elapsed:.1f} s")
+
+
+def test_output_written_before_the_child_exits_is_read_to_the_end():
+    """_watch: the child exiting does not end the reading: what is still in the pipes is read to EOF"""
+    payload = bytes(range(256)) * 1200                  # 307,200 bytes, more than one read
+
+    def write_all_and_exit(out, err, status):
+        os.write(status, b"R")
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(out, view):]
+        os._exit(0)
+    # a pipe with room for all of it, so the child never blocks, and already gone when _watch starts
+    (verdict, stdout, *_), _, _, _ = watched(write_all_and_exit, timeout=3.0, output_bytes=1_000_000,
+                                             stdout_pipe_size=1 << 20, exited_first=True)
+    assert verdict is None and bytes(stdout) == payload, (
+        f"the child wrote {len(payload)} bytes and exited before _watch began: all of them come back (keep reading "
+        f"the pipes until EOF after the pidfd says it exited); got {len(stdout)} bytes, verdict {verdict!r}")
+
+
+def test_every_descriptor_is_closed():
+    """_watch: the three pipe ends and the pidfd are all closed when it returns (a launcher runs thousands)"""
+    def quick(out, err, status):
+        os.write(status, b"R")
+        os._exit(0)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        watched(quick)
+    leaked = len(os.listdir("/proc/self/fd")) - before
+    assert leaked <= 0, (f"{leaked} more open file descriptors after 5 runs: close the pidfd as well as the three "
+                         f"pipe ends")
 
 
 def test_both_pipes_are_read_as_data_arrives():

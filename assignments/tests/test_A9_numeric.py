@@ -43,6 +43,9 @@ TABLE = [
     (r"\sqrt{2}", r"\sqrt{3}", F, "far apart"),
     (r"\sqrt{2}", r"\frac{1414214}{1000000}", UNKNOWN, "3e-7 apart: within 1e-6 but not 1e-9, sympy's 40 digits decide"),
     (r"\frac{22}{7}", r"\pi", F, "4e-4 apart, no decimal: False"),
+    (r"\sqrt{2}", r"\frac{14142}{10000}", F, "9.6e-6 relative, no decimal: beyond 1e-6, False without sympy"),
+    (r"\sqrt{2}", r"\frac{141421356}{100000000}", UNKNOWN, "1.7e-9 relative: beyond 1e-9, within 1e-6, sympy decides"),
+    (r"\cosh(800)", "5", UNKNOWN, "cosh 800 overflows a float: an arithmetic error is unknown, never an exception"),
     ("e^{i\\pi}", "-1", CONFIRM, "complex arithmetic: e^{i pi} = -1 as floats"),
     (r"\sqrt{-4}", "2i", CONFIRM, "a complex root"),
     ("3+4i", "3-4i", F, "complex values that differ"),
@@ -59,6 +62,19 @@ TABLE = [
     ("x^{1000}", "x^{1001}", F, "both ~0 at x = 0.618 (close), far apart at x = 1.32: every point counts"),
     (r"\lfloor x \rfloor", "0", F, "0 = 0 at x = 0.618, 1 != 0 at 1.32"),
     ("(x+1)^2", "x^2+2x+1.0001", F, "1e-4 apart at every point"),
+    ("x^2", "x^2+10^{-7}", F, "1e-7 apart: 2.6e-7 relative at x = 0.618, more than the 1e-8 expressions are allowed"),
+    ("(x+10^7)-10^7", "x", CONFIRM, "float rounding of 1e7 + x leaves ~1e-9 relative: within 1e-8, confirm"),
+    ("a-b", r"-\frac{37}{100}", CONFIRM, "sorted variables: a gets the point, b the point + 0.37, so a - b = -0.37"),
+    ("1000a+100b+10c+d", "1111a+45.51", CONFIRM,
+     "a, b, c, d (sorted) get the point + 0, 0.37, 0.74, 1.11: 1111a + 37 + 7.4 + 1.11; any other order differs"),
+    (r"\frac{1}{(\lfloor x \rfloor-1)(\lfloor x \rfloor-2)}", r"\frac{2}{2(\lfloor x \rfloor-1)(\lfloor x \rfloor-2)}",
+     CONFIRM, "defined at the first point only (floor 1.32 = 1, floor 2.154 = 2 divide by 0): one agreement confirms"),
+    (r"\lfloor x \rfloor", r"\lfloor x - 0.3 \rfloor", F,
+     "equal at x = 0.618 and 1.32 (0, 1), not at 2.154 (2 vs 1): a single variable takes each point itself"),
+    (r"\lfloor x \rfloor", r"\lfloor x + 0.3 \rfloor", CONFIRM, "0, 1, 2 on both sides at x = 0.618, 1.32, 2.154"),
+    (r"\frac{1}{\lfloor x \rfloor}", r"\frac{2}{2\lfloor x \rfloor}", CONFIRM,
+     "undefined at the first point (floor 0.618 = 0, and floor has no complex value), equal at the other two: "
+     "a point where neither is defined is skipped, the rest still confirm"),
     ("|x|", r"\sqrt{x^2}", CONFIRM, "equal at the real points (the complex one is tried only where a real one fails)"),
     (r"\frac{1}{(x-0.6180339887)(x-1.3247179572)(x-2.1543469014)}",
      r"\frac{2}{2(x-0.6180339887)(x-1.3247179572)(x-2.1543469014)}", CONFIRM,
@@ -71,9 +87,11 @@ TABLE = [
     (r"\infty", r"-\infty", F, "opposite infinities"),
     (r"\infty", "5", F, "infinity is no number"),
     (r"\infty", r"\infty + 1", UNKNOWN, "arithmetic with infinity: sympy's business"),
+    (r"\infty", r"x + \infty", UNKNOWN, "an expression holding an infinity, variables or not: sympy's business"),
     # what numbers cannot settle
     (r"10^{10^{10}}", "5", ABSURD, "a value far beyond 10^300: refused"),
     (r"\frac{1}{0}", "5", UNKNOWN, "undefined (division by zero): unknown, no exception"),
+    ("5", r"\frac{1}{x-x}", UNKNOWN, "undefined at every point, the undefined side second"),
 ]
 
 
@@ -112,6 +130,7 @@ def test_close_is_relative_to_the_larger_magnitude():
     assert G._close(100.0, 101.0, 0.00995) is True, "1 <= 0.00995 * max(100, 101) = 1.005: close (max, not min)"
     assert G._close(101.0, 100.0, 0.00995) is True, "symmetric"
     assert G._close(100.0, 101.0, 0.0099) is False, "1 > 0.0099 * 101 = 0.9999"
+    assert G._close(1.0, 2.0, 0.5) is True, "|1 - 2| = 1 <= 0.5 * 2: the bound itself counts as close (<=)"
 
 
 def test_close_has_an_absolute_floor_for_zero():
