@@ -36,16 +36,18 @@ def wait_until_exited(pid, limit=5.0):
         time.sleep(0.01)
 
 
-def watched(child, timeout=2.0, output_bytes=65536, features=None, stdout_pipe_size=None, exited_first=False):
+def watched(child, timeout=2.0, output_bytes=65536, features=None, stdout_pipe_size=None, exited_first=False,
+            started_ago=0.0):
     """Fork a child running child(out_w, err_w, status_w) (it must os._exit), then _watch it. stdout_pipe_size: that
-    pipe's buffer in bytes; exited_first: call _watch only once the child has exited (a zombie, not reaped)."""
+    pipe's buffer in bytes; exited_first: call _watch only once the child has exited (a zombie, not reaped);
+    started_ago: pass a `start` this many seconds before the fork."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     status_r, status_w = os.pipe()
     if stdout_pipe_size:
         import fcntl
         fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, stdout_pipe_size)
-    start = time.monotonic()
+    start = time.monotonic() - started_ago
     pid = os.fork()
     if pid == 0:
         try:
@@ -234,6 +236,30 @@ def test_output_written_before_the_child_exits_is_read_to_the_end():
     assert verdict is None and bytes(stdout) == payload, (
         f"the child wrote {len(payload)} bytes and exited before _watch began: all of them come back (keep reading "
         f"the pipes until EOF after the pidfd says it exited); got {len(stdout)} bytes, verdict {verdict!r}")
+
+
+def test_output_over_the_cap_from_a_child_that_already_exited():
+    """_watch: the cap passed and the child's exit seen in the same select: the verdict stands, and the child, already
+    reaped, is not killed again (its pid may belong to another process by then)"""
+    def flood_and_exit(out, err, status):
+        os.write(status, b"R")
+        os.write(out, b"x" * 1100)
+        os._exit(0)
+    (verdict, stdout, _, _, wait_status, _), _, pid, _ = watched(flood_and_exit, output_bytes=1000, exited_first=True)
+    assert verdict == "output_limit" and len(stdout) == 1001, (verdict, len(stdout))
+    assert os.waitstatus_to_exitcode(wait_status) == 0 and reaped(pid), "its own exit status, reaped once"
+
+
+def test_the_status_pipe_is_read_to_the_end():
+    """_watch: what is left on the status pipe is read before returning, even when the loop never selected it (here
+    setup's 10 s were already spent when _watch began: a timeout at once, and the b"R" still comes back)"""
+    def ready_and_exit(out, err, status):
+        os.write(status, b"R")
+        os._exit(0)
+    (verdict, _, _, status_msg, *_), _, _, _ = watched(ready_and_exit, exited_first=True, started_ago=10.5)
+    assert verdict == "timeout" and bytes(status_msg) == b"R", (
+        f"setup's deadline had passed: 'timeout' at once; the b'R' the child wrote is still returned (read what is "
+        f"left with _read_nonblocking at the end); got {verdict!r}, {bytes(status_msg)!r}")
 
 
 def test_every_descriptor_is_closed():
