@@ -68,6 +68,12 @@ def watched(child, timeout=2.0, output_bytes=65536, features=None, stdout_pipe_s
     return result, time.monotonic() - start, pid, (out_r, err_r, status_r)
 
 
+def ready_then_exit(out, err, status):
+    """A child whose setup reports ready and whose snippet ends at once."""
+    os.write(status, b"R")
+    os._exit(0)
+
+
 def reaped(pid):
     try:
         return os.waitpid(pid, os.WNOHANG) is None
@@ -253,10 +259,7 @@ def test_output_over_the_cap_from_a_child_that_already_exited():
 def test_the_status_pipe_is_read_to_the_end():
     """_watch: what is left on the status pipe is read before returning, even when the loop never selected it (here
     setup's 10 s were already spent when _watch began: a timeout at once, and the b"R" still comes back)"""
-    def ready_and_exit(out, err, status):
-        os.write(status, b"R")
-        os._exit(0)
-    (verdict, _, _, status_msg, *_), _, _, _ = watched(ready_and_exit, exited_first=True, started_ago=10.5)
+    (verdict, _, _, status_msg, *_), _, _, _ = watched(ready_then_exit, exited_first=True, started_ago=10.5)
     assert verdict == "timeout" and bytes(status_msg) == b"R", (
         f"setup's deadline had passed: 'timeout' at once; the b'R' the child wrote is still returned (read what is "
         f"left with _read_nonblocking at the end); got {verdict!r}, {bytes(status_msg)!r}")
@@ -264,12 +267,9 @@ def test_the_status_pipe_is_read_to_the_end():
 
 def test_every_descriptor_is_closed():
     """_watch: the three pipe ends and the pidfd are all closed when it returns (a launcher runs thousands)"""
-    def quick(out, err, status):
-        os.write(status, b"R")
-        os._exit(0)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
-        watched(quick)
+        watched(ready_then_exit)
     leaked = len(os.listdir("/proc/self/fd")) - before
     assert leaked <= 0, (f"{leaked} more open file descriptors after 5 runs: close the pidfd as well as the three "
                          f"pipe ends")
