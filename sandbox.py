@@ -77,6 +77,8 @@ from concurrent.futures import ThreadPoolExecutor
 # -----------------------------------------------------------------------------
 # Default limits (each overridable per call: run(code, timeout=..., memory_mb=..., disk_mb=...))
 TIMEOUT = 5.0          # wall-clock seconds per run; sleeping code is stopped too
+SETUP_TIMEOUT = 10.0   # wall-clock seconds our own setup of a run (namespaces, mounts, Landlock) may take before the
+                       # snippet's clock starts; a setup that overruns it is our failure (sandbox_error), not the code's
 MEMORY_MB = 1024       # address space the snippet may add on top of the pre-loaded interpreter (RLIMIT_AS)
 OUTPUT_BYTES = 65536   # stdout (and separately stderr) beyond this -> killed, status "output_limit"
 FILE_SIZE_MB = 16      # largest single file (RLIMIT_FSIZE)
@@ -92,9 +94,9 @@ DISABLE = ()  # protections not to attempt, e.g. ("pid_ns", "landlock"): to test
 READABLE = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/dev", "/proc", "/sys",
             "/var/lib", "/nix", "/snap")
 
-LIMIT_NAMES = ("timeout", "memory_mb", "output_bytes", "file_size_mb", "disk_mb", "max_files",
+LIMIT_NAMES = ("timeout", "setup_timeout", "memory_mb", "output_bytes", "file_size_mb", "disk_mb", "max_files",
                "open_files", "processes")
-DEFAULT_LIMITS = dict(timeout=TIMEOUT, memory_mb=MEMORY_MB, output_bytes=OUTPUT_BYTES,
+DEFAULT_LIMITS = dict(timeout=TIMEOUT, setup_timeout=SETUP_TIMEOUT, memory_mb=MEMORY_MB, output_bytes=OUTPUT_BYTES,
                       file_size_mb=FILE_SIZE_MB, disk_mb=DISK_MB, max_files=MAX_FILES,
                       open_files=OPEN_FILES, processes=PROCESSES)
 
@@ -138,7 +140,7 @@ def run(code: str, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, **other
     try:
         launcher = _checkout()
         _send(launcher.proc.stdin.fileno(), {"code": str(code), "limits": limits})
-        answer = launcher.receive(timeout=limits["timeout"] + 30)
+        answer = launcher.receive(timeout=limits["setup_timeout"] + limits["timeout"] + 20)
         result = Result(**answer)
     except BaseException as e:
         if launcher:
@@ -530,7 +532,7 @@ def _watch(pid, out_r, err_r, status_r, start, limits, features):
     outputs = {out_r: bytearray(), err_r: bytearray()}
     open_fds = [out_r, err_r, status_r, pidfd]
     status_msg = bytearray()
-    deadline = start + 10  # for our setup; the snippet's clock starts when setup reports "R"
+    deadline = start + limits["setup_timeout"]  # the snippet's clock starts when setup reports "R"
     started = False
     cap = limits["output_bytes"]
     verdict = None

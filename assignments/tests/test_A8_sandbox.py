@@ -37,7 +37,7 @@ def wait_until_exited(pid, limit=5.0):
 
 
 def watched(child, timeout=2.0, output_bytes=65536, features=None, stdout_pipe_size=None, exited_first=False,
-            started_ago=0.0):
+            started_ago=0.0, setup_timeout=sandbox.SETUP_TIMEOUT):
     """Fork a child running child(out_w, err_w, status_w) (it must os._exit), then _watch it. stdout_pipe_size: that
     pipe's buffer in bytes; exited_first: call _watch only once the child has exited (a zombie, not reaped);
     started_ago: pass a `start` this many seconds before the fork."""
@@ -60,7 +60,7 @@ def watched(child, timeout=2.0, output_bytes=65536, features=None, stdout_pipe_s
         os.close(fd)
     if exited_first:
         wait_until_exited(pid)
-    limits = dict(LIMITS, timeout=timeout, output_bytes=output_bytes)
+    limits = dict(LIMITS, timeout=timeout, output_bytes=output_bytes, setup_timeout=setup_timeout)
     # pid_ns: True, so _watch does not sweep this (pytest's) process's other children; the child is killed by pid
     result = sandbox._watch(pid, out_r, err_r, status_r, start, limits, features or {"pid_ns": True})
     assert isinstance(result, tuple) and len(result) == 6, (
@@ -213,8 +213,8 @@ def test_the_cap_is_per_pipe_and_keeps_the_head():
     assert elapsed < 2.0, f"stopped when the cap was passed, not at the clock ({elapsed:.1f} s)"
 
 
-def test_setup_has_its_own_budget_of_ten_seconds():
-    """_watch: before b"R" the deadline is setup's 10 s, not the snippet's timeout"""
+def test_setup_has_its_own_budget():
+    """_watch: before b"R" the deadline is setup's own (limits["setup_timeout"], 10 s), not the snippet's timeout"""
     def slow_setup(out, err, status):
         time.sleep(1.5)                  # setup slower than the snippet's whole clock
         os.write(status, b"R")
@@ -224,6 +224,36 @@ def test_setup_has_its_own_budget_of_ten_seconds():
     assert verdict is None and bytes(stdout) == b"hi", (
         f"setup took 1.5 s (within its 10 s), then the snippet printed at once under a 1 s clock: no timeout and "
         f"b'hi'; got {verdict!r}, {bytes(stdout)!r} after {elapsed:.1f} s")
+
+
+def test_a_setup_that_overruns_its_budget_is_stopped():
+    """_watch: a setup that never reports b"R" within limits["setup_timeout"] is killed then, with verdict "timeout"
+    (the launcher reports it as its own failure), however long the snippet's clock would be"""
+    def stuck_setup(out, err, status):
+        time.sleep(3)                    # setup hangs past its 0.5 s
+        os.write(status, b"R")
+        os._exit(0)
+    (verdict, _, _, status_msg, wait_status, _), elapsed, _, _ = watched(stuck_setup, timeout=5.0, setup_timeout=0.5)
+    assert verdict == "timeout" and elapsed < 2.0, (
+        f"setup's budget is limits['setup_timeout'] (0.5 s here) from `start`, whether or not b'R' ever comes: "
+        f"'timeout' after about 0.5 s; got {verdict!r} after {elapsed:.1f} s")
+    assert os.waitstatus_to_exitcode(wait_status) == -signal.SIGKILL and bytes(status_msg) == b"", (
+        f"killed before its setup finished: SIGKILL and no b'R'; got exit {os.waitstatus_to_exitcode(wait_status)}, "
+        f"{bytes(status_msg)!r}")
+
+
+def test_the_snippet_gets_its_whole_clock_after_setup():
+    """_watch: once b"R" comes, the deadline is limits["timeout"] from then, even where that is later than setup's"""
+    def late_print(out, err, status):
+        os.write(status, b"R")           # setup done at once
+        time.sleep(1.0)                  # past setup's 0.5 s, within the snippet's 1.5 s
+        os.write(out, b"late")
+        os._exit(0)
+    (verdict, stdout, *_), elapsed, _, _ = watched(late_print, timeout=1.5, setup_timeout=0.5)
+    assert verdict is None and bytes(stdout) == b"late", (
+        f"setup reported ready at once, the snippet printed after 1.0 s under a 1.5 s clock: no timeout and b'late' "
+        f"(the snippet's deadline replaces setup's, it is not capped by it); got {verdict!r}, {bytes(stdout)!r} after "
+        f"{elapsed:.1f} s")
 
 
 def test_output_written_before_the_child_exits_is_read_to_the_end():
@@ -258,8 +288,9 @@ def test_output_over_the_cap_from_a_child_that_already_exited():
 
 def test_the_status_pipe_is_read_to_the_end():
     """_watch: what is left on the status pipe is read before returning, even when the loop never selected it (here
-    setup's 10 s were already spent when _watch began: a timeout at once, and the b"R" still comes back)"""
-    (verdict, _, _, status_msg, *_), _, _, _ = watched(ready_then_exit, exited_first=True, started_ago=10.5)
+    setup's budget was already spent when _watch began: a timeout at once, and the b"R" still comes back)"""
+    (verdict, _, _, status_msg, *_), _, _, _ = watched(ready_then_exit, exited_first=True, started_ago=1.0,
+                                                       setup_timeout=0.5)
     assert verdict == "timeout" and bytes(status_msg) == b"R", (
         f"setup's deadline had passed: 'timeout' at once; the b'R' the child wrote is still returned (read what is "
         f"left with _read_nonblocking at the end); got {verdict!r}, {bytes(status_msg)!r}")
