@@ -5,7 +5,7 @@ the three modes, and the JSONL plumbing (reading queries, resumable appends, ato
 The embedded task recreates, at toy scale, the situation the paper starts from: each method loses
 somewhere, so a model that chooses well beats both forced modes while calling code less.
 
-  - CoT reliable, code a wasted call (add_sub, mul_add): a tiny character-level model trained for a
+  - CoT reliable, code a wasted call (add_sub, mul_add): a tiny model (one token per digit) trained for a
     few minutes adds two 2-digit numbers digit by digit and does one-digit products in its head.
   - CoT hopeless, code right (mul, chain): it cannot multiply 3-digit by 2-digit numbers or carry a
     running total through four 3-digit steps in its head, but copying the numbers into `print(...)`
@@ -336,8 +336,8 @@ INSTRUCTIONS = {
     "cot": "Please reason step by step, and put your final answer within \\boxed{}.",
     "auto": "Please solve the problem above, and put your final answer within \\boxed{}.",
 }
-# The tiny character-level model has no chat template: a short line after the problem names the
-# mode (short, because every prompt character costs context and attention on a 2-core CPU).
+# The tiny model has no chat template: a short line after the problem names the mode (short, because every
+# prompt token costs context and attention on a 2-core CPU; each line is one token of model.TINY_WORDS).
 TINY_TEMPLATES = {
     "code": "{problem}\nUse code.\n",
     "cot": "{problem}\nThink step by step.\n",

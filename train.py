@@ -75,7 +75,7 @@ habit_code_frac = 0.9    # the same share on data.CODE_FAILS_FAMILIES: the coder
 drill_frac = 0.1         # share of the examples that are an arithmetic drill (data.drill), not a problem: the
                          # one-digit facts were the commonest CoT slip (14 - 6 = 9, 7 * 7 = 48)
 steps = 3600             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
-                         # (~130 ms a step on 2 cores; 2,800 left easy CoT at 63-86% with five families)
+                         # (~80 ms a step on 2 cores; 2,800 left easy CoT at 63-86% with five families, one token per character)
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)

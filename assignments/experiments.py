@@ -540,7 +540,7 @@ def experiment_capstone(seed, name):
         raise Blocked("the whole loop needs every assignment; still blanked: " + ", ".join(blanked))
     name = name or f"capstone-seed{seed}"
     env = dict(os.environ, SEED=str(seed), NAME=name, PYTHON=sys.executable)
-    print(f"  SEED={seed} NAME={name} bash em.sh   (the embedded task; ~11 minutes on 2 idle cores)", flush=True)
+    print(f"  SEED={seed} NAME={name} bash em.sh   (the embedded task; ~7 minutes on 2 idle cores)", flush=True)
     t = time.time()
     run = subprocess.run(["bash", os.path.join(ROOT, "em.sh")], cwd=ROOT, env=env)
     wall = time.time() - t

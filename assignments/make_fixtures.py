@@ -68,7 +68,7 @@ A2_FIELDS = ("examples", "examples_code_share", "sft_examples", "groups_mixed", 
 
 
 def tiny_ids(text):
-    """The tiny preset's character-level token ids (model.TINY_CHARACTERS after the two special tokens), so the
+    """The tiny preset's one-character token ids (model.TINY_CHARACTERS after the two special tokens), so the
     hints need no tokenizer load."""
     from model import TINY_CHARACTERS, TINY_SPECIAL_TOKENS
     return [len(TINY_SPECIAL_TOKENS) + TINY_CHARACTERS.index(c) for c in text]

@@ -220,6 +220,22 @@ def test_tokenize_response_masks_exactly_the_injection(tiny_tokenizer):
     assert all(trainable) and tiny_tokenizer.eos_token_id not in ids
 
 
+def test_the_tasks_words_are_whole_tokens_and_digits_single(tiny_tokenizer):
+    """Every word of every problem wording, solution line label and prompt line is one token of the tiny tokenizer
+    (model.TINY_WORDS must follow data.TEMPLATES), and every digit is a token of its own."""
+    texts = [template.format(a=123, b=45, c=67, d=890, e=12, s1="add", s2="subtract", s3="add", s4="subtract")
+             for templates in data.TEMPLATES.values() for template in templates]
+    texts += [data.make_prompt(tiny_tokenizer, "Q", mode) for mode in data.MODES]
+    texts += [data.teacher_solution(r, style) for r in data.make_problems(8, "train") for style in ("cot", "code")]
+    texts.append(data.drill(random.Random(0)))
+    for text in texts:
+        tokens = [tiny_tokenizer.decode([i]) for i in tiny_tokenizer.encode(text, add_special_tokens=False)]
+        assert "".join(tokens) == text
+        cuts = {sum(map(len, tokens[:i])) for i in range(len(tokens))}
+        assert not [m.group() for m in re.finditer(r"[A-Za-z]+", text) if cuts & set(range(m.start() + 1, m.end()))], tokens
+        assert all(len(token) == 1 for token in tokens if any(c.isdigit() for c in token))
+
+
 def test_prompts_tiny_and_chat_template(tiny_tokenizer):
     problem = data.make_problems(1, "test")[0]["problem"]
     prompts = {mode: data.make_prompt(tiny_tokenizer, problem, mode) for mode in data.MODES}

@@ -8,7 +8,7 @@ import transformers
 
 import model as M
 
-VOCAB = 98  # the tiny tokenizer's size, so its tokenizer can be saved beside any test checkpoint
+VOCAB = M.TINY_CONFIG["vocab_size"]  # the tiny tokenizer's size, so its tokenizer can be saved beside any test checkpoint
 
 CONFIGS = {
     "llama_gqa_untied": (transformers.LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False)),
@@ -74,11 +74,20 @@ def test_tiny_preset_and_its_tokenizer(tmp_path):
     model, tokenizer = M.load("tiny", seed=3)
     again, _ = M.load("tiny", seed=3)
     assert torch.equal(model.embed_tokens.weight, again.embed_tokens.weight)
-    assert model.config.vocab_size == len(tokenizer) == 98 and model.lm_head.weight is model.embed_tokens.weight
+    assert model.config.vocab_size == len(tokenizer) == 197 and model.lm_head.weight is model.embed_tokens.weight
     assert 0.4e6 < sum(p.numel() for p in model.parameters()) < 0.5e6
     text = "Q: 12 + 5 = ?\n```python\nprint(12 + 5)\n```\n```output\n17\n```\n\\boxed{17}"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    assert [tokenizer.decode([i]) for i in ids] == [
+        "Q", ":", " ", "1", "2", " ", "+", " ", "5", " ", "=", " ", "?", "\n", "```python", "\nprint(", "1", "2", " ", "+",
+        " ", "5", ")\n```\n", "```output", "\n", "1", "7", "\n```\n", "\\boxed{", "1", "7", "}"]
+    assert tokenizer.decode(ids) == text
+    # The model's text and the tool output encoded apart give the same tokens as the whole text: no piece crosses
+    # the cut after the trigger. Characters outside the vocabulary are dropped.
+    cut = text.index("```output") + len("```output")
+    assert tokenizer.encode(text[:cut], add_special_tokens=False) + tokenizer.encode(
+        text[cut:], add_special_tokens=False) == ids
+    assert tokenizer.decode(tokenizer.encode("\tA total\u00e9", add_special_tokens=False)) == "A total"
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
     assert tokenizer.chat_template is None
     M.save(model, tokenizer, str(tmp_path / "tiny"))
@@ -153,7 +162,7 @@ def test_sampled_generation_matches_the_reference(monkeypatch):
     long_prompt = (list(range(2, 98)) * 4)[:375]  # 9 tokens short of the context
     prompts = prompts_of_different_lengths(5) * 2 + [long_prompt]
     seeds = list(range(20, 20 + len(prompts)))
-    eos = list(range(2, 10))   # 8 of the 98 tokens end a row: most rows stop before 40 tokens
+    eos = list(range(2, 20))   # 18 of the 197 tokens end a row: most rows stop before 40 tokens
     kwargs = dict(temperature=0.8, top_k=20, top_p=0.9)
     samples = M.generate(model, prompts, 40, seed=seeds, eos_token_id=eos, **kwargs)
     reference = M.generate_reference(model, prompts, 40, seeds=seeds, eos=eos, **kwargs)
@@ -280,13 +289,11 @@ def test_tool_calls_inject_forced_tokens_then_max_calls():
     assert sample.text == expected and sample.finish_reason == "max_calls"
     assert sample.calls == 2 and sample.statuses == ["ok", "ok"]
     assert len(seen) == 2 and all(r.endswith(M.TOOL_TRIGGER) for r in seen) and seen[0] == CALL
-    # the mask: 0 exactly on the injected characters (one token per character in the tiny tokenizer)
-    mask = [1] * len(expected)
-    start = 0
-    for piece in (injected, injected, notice):
-        start = expected.index(piece, start)
-        mask[start:start + len(piece)] = [0] * len(piece)
-        start += len(piece)
+    # the mask: 0 exactly on the injected tokens (each part below is whole tokens of the tiny tokenizer)
+    parts = [(CALL, 1), (injected, 0), ("again", 1), (CALL, 1), (injected, 0), ("once more", 1), (CALL, 1), (notice, 0),
+             ("and", 1), (CALL, 1)]
+    assert "".join(part for part, _ in parts) == expected
+    mask = [flag for part, flag in parts for _ in tokenizer.encode(part, add_special_tokens=False)]
     assert sample.sampled_mask == mask
     assert all(lp == 0.0 for lp, m in zip(sample.logprobs, mask) if m == 0)
     assert all(lp < 0.0 for lp, m in zip(sample.logprobs, mask) if m == 1)
@@ -608,7 +615,7 @@ def test_static_slots_sampled_rows_ending_at_different_times(monkeypatch, static
     long_prompt = (list(range(2, 98)) * 4)[:375]  # 9 tokens short of the context
     prompts = prompts_of_different_lengths(5) * 2 + [long_prompt]
     seeds = list(range(20, 20 + len(prompts)))
-    kwargs = dict(temperature=0.8, top_k=20, top_p=0.9, eos_token_id=list(range(2, 10)))
+    kwargs = dict(temperature=0.8, top_k=20, top_p=0.9, eos_token_id=list(range(2, 20)))
     static = M.generate(model, prompts, 40, seed=seeds, static_slots=True, **kwargs)
     assert_same_samples(static, M.generate(model, prompts, 40, seed=seeds, **kwargs))
     reference = M.generate_reference(model, prompts, 40, seeds=seeds, eos=kwargs.pop("eos_token_id"), **kwargs)
