@@ -23,6 +23,9 @@ from common import ASSIGNMENTS_DIR, FIXTURES, MARKER_MESSAGE, ROOT, blanked_ids,
 import replay  # noqa: E402
 
 sys.path.insert(0, ROOT)
+# The small experiments run on one thread; the capstone's em.sh gets the caller's own settings back (em.sh and
+# train.py choose their threads themselves, and the capstone is timed as `bash em.sh` runs).
+CALLERS_THREADING = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -540,6 +543,11 @@ def experiment_capstone(seed, name):
         raise Blocked("the whole loop needs every assignment; still blanked: " + ", ".join(blanked))
     name = name or f"capstone-seed{seed}"
     env = dict(os.environ, SEED=str(seed), NAME=name, PYTHON=sys.executable)
+    for variable, value in CALLERS_THREADING.items():
+        if value is None:
+            env.pop(variable)
+        else:
+            env[variable] = value
     print(f"  SEED={seed} NAME={name} bash em.sh   (the embedded task; ~7 minutes on 2 idle cores)", flush=True)
     t = time.time()
     run = subprocess.run(["bash", os.path.join(ROOT, "em.sh")], cwd=ROOT, env=env)

@@ -214,3 +214,23 @@ def test_fixtures_are_up_to_date():
     result = subprocess.run([sys.executable, os.path.join(REPO, "assignments", "make_fixtures.py"), "--check"],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("callers", [{}, {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}])
+def test_the_capstone_runs_em_sh_with_the_callers_threading(callers):
+    """The small experiments pin one passive thread; the capstone's em.sh must not inherit that (it is timed as
+    `bash em.sh` runs): it gets exactly what the caller of check.py had set, or nothing."""
+    script = ("import json, sys\n"
+              f"sys.path.insert(0, {os.path.join(REPO, 'assignments')!r})\n"
+              "import experiments\n"
+              "def em_sh(command, cwd, env):\n"
+              "    print(json.dumps({k: env.get(k) for k in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'SEED')}))\n"
+              "    sys.exit(0)\n"
+              "experiments.subprocess.run = em_sh\n"
+              "experiments.experiment_capstone(2, 'threads')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    run = subprocess.run([sys.executable, "-c", script], env={**env, **callers}, capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == {"OMP_NUM_THREADS": callers.get("OMP_NUM_THREADS"),
+                                                       "OMP_WAIT_POLICY": callers.get("OMP_WAIT_POLICY"), "SEED": "2"}
