@@ -275,8 +275,10 @@ def test_tool_calls_inject_forced_tokens_then_max_calls():
     _, tokenizer = M.load("tiny")
     injected = M.tool_injection("42")
     notice = M.tool_injection(M.MAX_CALLS_NOTICE)
-    model, text = scripted(tokenizer, [PROMPT, CALL, injected, "again", CALL, injected, "once more", CALL, notice,
-                                       "and", CALL, "never reached"])
+    # the response as (part, 1 = written by the model / 0 = injected); each part is whole tokens of the tiny tokenizer
+    parts = [(CALL, 1), (injected, 0), ("again", 1), (CALL, 1), (injected, 0), ("once more", 1), (CALL, 1), (notice, 0),
+             ("and", 1), (CALL, 1)]
+    model, text = scripted(tokenizer, [PROMPT] + [part for part, _ in parts] + ["never reached"])
     seen = []
 
     def tool(responses):
@@ -289,9 +291,7 @@ def test_tool_calls_inject_forced_tokens_then_max_calls():
     assert sample.text == expected and sample.finish_reason == "max_calls"
     assert sample.calls == 2 and sample.statuses == ["ok", "ok"]
     assert len(seen) == 2 and all(r.endswith(M.TOOL_TRIGGER) for r in seen) and seen[0] == CALL
-    # the mask: 0 exactly on the injected tokens (each part below is whole tokens of the tiny tokenizer)
-    parts = [(CALL, 1), (injected, 0), ("again", 1), (CALL, 1), (injected, 0), ("once more", 1), (CALL, 1), (notice, 0),
-             ("and", 1), (CALL, 1)]
+    # the mask: 0 exactly on the injected tokens
     assert "".join(part for part, _ in parts) == expected
     mask = [flag for part, flag in parts for _ in tokenizer.encode(part, add_special_tokens=False)]
     assert sample.sampled_mask == mask
