@@ -1,7 +1,7 @@
 """
-bench.py — the two speed/memory claims of model.py, each measured against its baseline in the same process.
+bench.py: the speed and memory claims of sampler.py and logprobs.py, each measured against its baseline in the same process.
 
-  OMP_WAIT_POLICY=PASSIVE python bench.py sampler      # model.generate vs transformers' generate, same weights, greedy:
+  OMP_WAIT_POLICY=PASSIVE python bench.py sampler      # sampler.generate vs transformers' generate, same weights, greedy:
                                                        # tiny preset @ batch 64, a ~25M Llama @ batch 16 (CPU)
   python bench.py sampler --device=cuda --sizes=qwen0.5b   # a 0.5B Qwen2 config in bf16, plus the memory-bandwidth
                                                        # bound of a decode step
@@ -36,7 +36,9 @@ import torch
 import transformers
 
 import flags
-import model as M
+from logprobs import CHUNK_SIZE, fused_logprobs
+from model import TINY_CONFIG, Config, Transformer, init_weights, save
+from sampler import generate
 
 # ----------------------------------------------------------------------------- sampler hyperparameters
 sampler_sizes = "tiny,25m,25m-k4,tiny-b4"  # which rows of the table to run (tiny, 25m, 25m-k4, tiny-b4, qwen0.5b)
@@ -55,9 +57,9 @@ QWEN2_05B = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_a
                  tie_word_embeddings=True, qkv_bias=True, architecture="Qwen2ForCausalLM", eos_token_id=0)
 # name: (config fields for a random Llama/Qwen2, batch, prompt length range, new tokens[, copies of each prompt])
 PRESETS = {
-    "tiny": (dict(M.TINY_CONFIG), 64, (40, 80), 128),
+    "tiny": (dict(TINY_CONFIG), 64, (40, 80), 128),
     # small batch, short prompts: the step is bound by per-op overhead, not by memory traffic
-    "tiny-b4": (dict(M.TINY_CONFIG), 4, (8, 16), 64),
+    "tiny-b4": (dict(TINY_CONFIG), 4, (8, 16), 64),
     "25m": (LLAMA_25M, 16, (32, 64), 64),
     # the same, shaped like explore.py's calls: 4 prompts x K=4 rollouts of each (HF prefills every copy)
     "25m-k4": (LLAMA_25M, 16, (32, 64), 64, 4),
@@ -75,11 +77,11 @@ def build(name, device, dtype):
     fields, batch, (shortest, longest), new_tokens, *copies = PRESETS[name]
     copies = copies[0] if copies else 1
     torch.manual_seed(SEED)
-    model = M.Transformer(M.Config(**fields))
-    M.init_weights(model)
+    model = Transformer(Config(**fields))
+    init_weights(model)
     model = model.to(device=device, dtype=dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        M.save(model, None, tmp + "/ck")
+        save(model, None, tmp + "/ck")
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp + "/ck", dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -91,7 +93,7 @@ def build(name, device, dtype):
 
 
 def run_ours(model, prompts, new_tokens, **kwargs):
-    samples = M.generate(model, prompts, new_tokens, temperature=0, eos_token_id=[], **kwargs)
+    samples = generate(model, prompts, new_tokens, temperature=0, eos_token_id=[], **kwargs)
     return [s.tokens for s in samples]
 
 
@@ -223,7 +225,7 @@ def gpu_columns(model, prompts, new_tokens, dtype, args, ours_tps):
 fused_vocab = 151_936           # V (Qwen2.5-0.5B's vocabulary)
 fused_width = 896               # D (Qwen2.5-0.5B's hidden size)
 fused_rows = "2048,8192"        # comma-separated row counts N
-fused_chunk_size = M.CHUNK_SIZE  # rows per chunk of the kernel
+fused_chunk_size = CHUNK_SIZE  # rows per chunk of the kernel
 fused_vocab_tile = 0            # vocabulary rows per tile; 0 = the kernel's own choice
 fused_repeats = 3               # naive and fused alternate this many times per row count (times are medians)
 fused_threads = 2               # torch CPU threads
@@ -295,7 +297,7 @@ def fused_bench(args):
     header = f"{'N':>6} | {'naive s':>8} {'fused s':>8} {'time ratio':>10} | {'naive extra GB':>14} {'fused extra GB':>14} {'mem ratio':>9} | {'max |dlogp|':>11} {'max |dW|':>9} {'max |dh|':>9}"
     print(header)
     print("-" * len(header))
-    fused = lambda h, w, t: M.fused_logprobs(h, w, t, chunk_size=args.chunk_size, vocab_tile=args.vocab_tile or None)
+    fused = lambda h, w, t: fused_logprobs(h, w, t, chunk_size=args.chunk_size, vocab_tile=args.vocab_tile or None)
     for num_rows in [int(n) for n in args.rows.split(",")]:
         generator = torch.Generator().manual_seed(0)
         hidden = torch.randn(num_rows, args.width, generator=generator).to(device, dtype).requires_grad_()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# em.sh: the whole EM loop of tocode as chained stages (README: How it works, The EM loop).
+# em.sh: the whole EM loop of tocode as chained stages (README: How it works).
 #
 #   warm start ─▶ evaluate (iteration 0)
 #   for i in 1..ITERS:  explore ─▶ synthesize ─▶ train (M-step) ─▶ evaluate      under runs/$NAME/iter_$i/
@@ -18,33 +18,28 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # ----------------------------------------------------------------------------- knobs
-STRATEGY=${STRATEGY:-em}        # em: the paper | rl: RL-only ablation (all rollouts native) | sft: SFT-only ablation
+STRATEGY=${STRATEGY:-em}        # em: the paper | rl: RL-only ablation (all rollouts autonomous) | sft: SFT-only ablation
 SEED=${SEED:-1}                 # moves every seed: warm-start init and data, queries, exploration, synthesis, M-step
 NAME=${NAME:-demo$([ "$STRATEGY" = em ] || echo "-$STRATEGY")$([ "$SEED" = 1 ] || echo "-seed$SEED")}  # output: $RUNS/$NAME/
 RUNS=${RUNS:-runs}              # parent dir of the runs
 MODEL=${MODEL:-}                # starting checkpoint (HF dir); empty = warm start of the tiny preset (python train.py)
-QUERIES=${QUERIES:-}            # training queries JSONL; empty = the embedded task's train split (python data.py)
+QUERIES=${QUERIES:-}            # training queries JSONL; empty = the embedded task's train split (python task.py)
 TEST=${TEST:-}                  # test queries JSONL; empty = the embedded task's test split
 ITERS=${ITERS:-2}               # EM iterations (paper: 2-3)
 N_QUERIES=${N_QUERIES:-300}     # queries per iteration: a fresh slice of QUERIES each iteration (paper: ~7K)
 N_TEST=${N_TEST:-400}           # test problems when TEST is generated
-K=${K:-4}                       # rollouts per query per mode (paper: 5 or 8); STRATEGY=rl draws 3K native ones
+K=${K:-4}                       # rollouts per query per mode (paper: 5 or 8); STRATEGY=rl draws 3K autonomous ones
 FORM=${FORM:-argmax}            # reference strategy s*: posterior | tempered (the paper) | argmax (paper v1).
                                 # argmax here: the softer forms follow the model's own π where both methods
-                                # succeed, and on the toy task that let code creep into easy families
-                                # (with an earlier warm start: easy code 23%, selection 84% after 2 iterations,
-                                # vs 8% / 94% with argmax)
+                                # succeed, which lets code creep into easy families (docs/TASK.md)
 EPOCHS=${EPOCHS:-2}             # M-step passes over the synthesized records
 LR=${LR:-1e-4}                  # M-step peak learning rate
 SFT_WEIGHT=${SFT_WEIGHT:-$([ "$STRATEGY" = rl ] && echo 0 || echo 1.0)}  # λ; RL-only has no D_s*, so no λ term.
-                                # 1.0, not 0.5: from the same warm start, λ = 0.5 ended at auto 98.75%, λ = 1 at 99.25%
-                                # (the λ term is what keeps easy-family CoT sharp while RL moves the method choice)
+                                # The λ term keeps easy-family CoT sharp while RL moves the method choice
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-192}   # per response, tool output included (explore and evaluate)
 TEMPERATURE=${TEMPERATURE:-0.5} # exploration temperature; the M-step evaluates π_θ at the same one (the ratio's π_b).
                                 # Q(x,c) should estimate what the deployed (greedy) policy gets, and sampling noise
-                                # makes CoT look worse than it is: on add_sub the warm start's greedy CoT is right
-                                # 94% of the time, its sampled CoT 78% at T=0.7 and 84% at T=0.5, so at higher T
-                                # code wins more of the ties it should lose
+                                # makes CoT look worse than it is, so at a higher T code wins ties it should lose
 WARMSTART_ARGS=${WARMSTART_ARGS:-}      # extra flags for each stage, e.g. EXPLORE_ARGS="--tool_timeout=10"
 EXPLORE_ARGS=${EXPLORE_ARGS:-}
 SYNTHESIZE_ARGS=${SYNTHESIZE_ARGS:-}
@@ -55,9 +50,7 @@ SHARDS=${SHARDS:-1}             # GPUs: explore and evaluate run as SHARDS proce
 CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: explore and evaluate run as this many
                                 # processes side by side, one core each (the same records as one process), and the
                                 # M-step as one process on every core. A decode step of the tiny model is mostly
-                                # per-op overhead, which a second thread does not share: evaluate ran in 0.80x the
-                                # wall time as 2 processes than as one process of 2 threads (2 cores; 0.92x with
-                                # that process's threads spinning, OMP_WAIT_POLICY=ACTIVE)
+                                # per-op overhead, which a second thread does not share
 PYTHON=${PYTHON:-python}
 # -----------------------------------------------------------------------------
 
@@ -129,11 +122,11 @@ TRAIN_LAUNCH=$PYTHON$([ "$SHARDS" = 1 ] || echo " -m torch.distributed.run --sta
 # are drawn with another seed than the warm start's problems.
 if [ -z "$QUERIES" ]; then
     QUERIES=$RUN/queries.jsonl
-    stage "queries" "$QUERIES" $PYTHON data.py --split=train --seed=$((1000 + SEED)) --n=$((ITERS * N_QUERIES)) --out="$QUERIES"
+    stage "queries" "$QUERIES" $PYTHON task.py --split=train --seed=$((1000 + SEED)) --n=$((ITERS * N_QUERIES)) --out="$QUERIES"
 fi
 if [ -z "$TEST" ]; then
     TEST=$RUN/test.jsonl
-    stage "test queries" "$TEST" $PYTHON data.py --split=test --seed=0 --n="$N_TEST" --out="$TEST"
+    stage "test queries" "$TEST" $PYTHON task.py --split=test --seed=0 --n="$N_TEST" --out="$TEST"
 fi
 
 # Iteration 0: the starting checkpoint.
@@ -156,7 +149,7 @@ take_queries() {
 }
 
 if [ "$STRATEGY" = rl ]; then
-    EXPLORE_MODES=(--modes=auto --k=$((3 * K)))   # the same number of rollouts per query, all native
+    EXPLORE_MODES=(--modes=auto --k=$((3 * K)))   # the same number of rollouts per query, all autonomous
 else
     EXPLORE_MODES=(--modes=code,cot,auto --k="$K")
 fi
@@ -186,7 +179,8 @@ done
 # runs/$NAME/summary.json: one object per evaluated checkpoint, and the table.
 $PYTHON - "$RUN" "$ITERS" <<'EOF'
 import json, os, sys
-from data import FAMILIES, write_json_atomic
+from jsonl import write_json_atomic
+from task import FAMILIES
 
 run, iters = sys.argv[1], int(sys.argv[2])
 rows = []

@@ -7,14 +7,14 @@ The evaluation stage: how often a model solves held-out problems, and whether it
 Each problem is decoded greedily by the sampler, the code the model writes running mid-generation
 in the sandbox, and the response is graded by grade.py. One prompt per mode:
 
-    auto    unguided: the model decides whether to write code (the behaviour the EM loop trains)
+    auto    autonomous: the model decides whether to write code (the behaviour the EM loop trains)
     code    guided by the prompt to solve it with code
     cot     guided by the prompt to reason in words
     all     the three, which adds selection accuracy
 
 The paper's claims are two numbers per model: accuracy, and code rate (the share of solutions that
 ran at least one code block); calls per problem, tool errors and response lengths come with them,
-per mode and per family / difficulty / level / type. A third says whether the unguided choice was
+per mode and per family / difficulty / level / type. A third says whether the autonomous choice was
 the right one: selection accuracy, against an oracle that takes CoT when CoT is correct (code costs
 an execution) and code otherwise, over the problems where at least one forced mode is correct.
 "auto" also reports p_code_open, the model's own probability of opening its response with code.
@@ -44,19 +44,28 @@ import math
 import os
 import sys
 
-import flags
-from data import (merge_shards, parse_shard, read_shard_configs, row_seed, shard_name, shard_owners, take_shard,
-                  write_jsonl_atomic)
-from grade import grade, is_equiv
+import types
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which otherwise steals the
 # cores that the sandbox workers need to run the model's code.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import torch
+from tqdm import tqdm
+
+import flags
+import sandbox
+import task
+from grade import grade, is_equiv
+from jsonl import (JsonlAppender, finalize, merge_shards, parse_shard, read_jsonl, read_queries, read_shard_configs,
+                   row_seed, shard_name, shard_owners, take_shard, write_json_atomic, write_jsonl_atomic)
+from model import load
+from sampler import code_open_probability, generate
+
 # ----------------------------------------------------------------------------- hyperparameters
 model = None             # an HF checkpoint dir, or the preset name "tiny" (random weights)
 data = None              # a queries JSONL (problem/question + answer/solution/####); none: the embedded test split
-mode = "all"             # auto (unguided) | code | cot (guided) | all three, which adds selection_accuracy
+mode = "all"             # auto (autonomous) | code | cot (guided) | all three, which adds selection_accuracy
 out = "runs/eval"        # writes eval.jsonl, summary.json and eval_config.json here
 n = 0                    # evaluate only the first n problems (0: all; the embedded split: 200)
 samples = 1              # solutions per problem and mode; > 1 adds pass@k, maj@k and intervals to the summary
@@ -75,7 +84,6 @@ merge = 0                # n > 0: decode nothing, join the n finished shards of 
 # ----------------------------------------------------------------------------- end of hyperparameters
 
 MODE_ORDER = ("auto", "code", "cot")
-CODE_OPEN = "```python"      # "the response starts with a code block"
 BREAKDOWNS = ("family", "difficulty", "level", "type")
 # What a record's tokens depend on: a run resumes, or extends, a file decoded under the same values only. A config
 # written before a flag existed decoded as its default does.
@@ -87,28 +95,6 @@ def record_id(query_id, mode, sample, samples):
     # n = 1 keeps the greedy ids of before, so a greedy file reads the same whatever the flags' history
     return f"{query_id}:{mode}" if samples == 1 else f"{query_id}:{mode}:{sample}"
 
-
-def code_open_probability(net, prompts, open_ids):
-    """π(code | x) as the model states it: the probability that the response to each prompt starts
-    with the tokens of "```python", by teacher forcing: exp(Σ_j log p(open_j | prompt, open_<j)).
-    Right padding is harmless (causal attention), and only the len(open_ids) positions that predict
-    the block's tokens go through the output matrix."""
-    import torch
-    if not prompts:
-        return []
-    rows = [list(p) + list(open_ids) for p in prompts]
-    width = max(len(r) for r in rows)
-    device = net.lm_head.weight.device
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    with torch.inference_mode():
-        hidden = net(ids, return_hidden=True)                                     # [B, T, D]
-        positions = torch.tensor([[len(p) - 1 + j for j in range(len(open_ids))] for p in prompts], device=device)
-        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, L, D]
-        logprobs = torch.log_softmax((picked @ net.lm_head.weight.T).float(), dim=-1)   # [B, L, V]
-        targets = torch.tensor(open_ids, device=device).expand(len(prompts), -1)
-        return logprobs.gather(-1, targets[..., None]).squeeze(-1).sum(-1).exp().tolist()
 
 
 # ----------------------------------------------------------------------------- the metrics
@@ -216,7 +202,7 @@ def _mode_summary(records, sampled):
 
 
 def selection_accuracy(auto_records, code_records, cot_records):
-    """Did the unguided run choose as an oracle would, which takes CoT when CoT is correct and code
+    """Did the autonomous run choose as an oracle would, which takes CoT when CoT is correct and code
     otherwise? Only the problems that a forced mode solves count. Returns (selection accuracy,
     problems counted, oracle accuracy, {family: selection accuracy}); an accuracy is None when
     nothing counts.
@@ -313,12 +299,10 @@ def print_sampled_table(summary):
 # ----------------------------------------------------------------------------- the stage
 def _decode(net, tokenizer, batch, batch_prompts, open_ids, tool, args):
     """Responses to one batch of (query, mode, sample), graded: their eval records, in batch order."""
-    import torch
-    import model as model_lib
     seeds = [row_seed(args.seed, q["id"], m, j) for q, m, j in batch]
-    responses = model_lib.generate(net, batch_prompts, args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, seed=seeds, tokenizer=tokenizer, tool=tool,
-                                   max_calls=args.max_calls)
+    responses = generate(net, batch_prompts, args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=seeds, tokenizer=tokenizer, tool=tool,
+                         max_calls=args.max_calls)
     # p_code_open depends on the prompt only: once per distinct auto prompt, given to each of its samples
     auto_prompts = {tuple(p): None for (_, m, _), p in zip(batch, batch_prompts) if m == "auto"}
     if auto_prompts:
@@ -357,8 +341,7 @@ def check_resumable(out, args):
 
 def read_problems(args):
     """The run's problems: --data (or the embedded test split), its first --n."""
-    import data as data_lib
-    queries = data_lib.read_queries(args.data) if args.data else data_lib.make_problems(args.n or 200, "test")
+    queries = read_queries(args.data) if args.data else task.make_problems(args.n or 200, "test")
     return queries[:args.n] if args.n else queries
 
 
@@ -369,14 +352,6 @@ def solution_rows(queries, args):
 
 
 def evaluate(args):
-    # Imported here, not at the top: `import evaluate` stays free of torch. The _lib names keep the
-    # modules apart from the defaults above.
-    import torch
-    from tqdm import tqdm
-    import data as data_lib
-    import model as model_lib
-    import sandbox
-
     shard = parse_shard(args.shard)
     if shard[1] > 1:             # a dir of its own: a shard resumes, and extends, like a whole run
         args.out = os.path.join(args.out, shard_name(shard))
@@ -389,21 +364,21 @@ def evaluate(args):
     if os.path.exists(final) or os.path.exists(partial):
         check_resumable(args.out, args)
     if os.path.exists(final):
-        if wanted <= {str(r["id"]) for r in data_lib.read_jsonl(final)}:
+        if wanted <= {str(r["id"]) for r in read_jsonl(final)}:
             todo = []
         else:
             os.replace(final, partial)   # a complete run of other modes: extend it
     if not os.path.exists(final):
-        data_lib.write_json_atomic(os.path.join(args.out, "eval_config.json"), vars(args))
+        write_json_atomic(os.path.join(args.out, "eval_config.json"), vars(args))
         on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         device = "cuda" if on_gpu else "cpu"
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
-        net, tokenizer = model_lib.load(args.model, dtype=dtype, device=device)
-        open_ids = tokenizer.encode(CODE_OPEN, add_special_tokens=False)
+        net, tokenizer = load(args.model, dtype=dtype, device=device)
+        open_ids = tokenizer.encode(task.CODE_OPEN, add_special_tokens=False)
         tool = lambda responses: sandbox.tool(responses, timeout=args.tool_timeout)
-        appender = data_lib.JsonlAppender(partial)
+        appender = JsonlAppender(partial)
         todo = [(q, m, j) for q, m, j in rows if record_id(q["id"], m, j, args.samples) not in appender.done_ids]
-        prompts = {(q["id"], m): data_lib.encode_prompt(tokenizer, q["problem"], m) for q, m, _ in todo}
+        prompts = {(q["id"], m): task.encode_prompt(tokenizer, q["problem"], m) for q, m, _ in todo}
         # Similar lengths batched together: less padding (a row's tokens do not depend on its batch). The sort is
         # stable, so a problem's samples stay side by side and share one prefill.
         todo.sort(key=lambda row: (MODE_ORDER.index(row[1]), len(prompts[row[0]["id"], row[1]])))
@@ -416,10 +391,10 @@ def evaluate(args):
             progress.update(len(batch))
         progress.close()
         appender.close()
-        data_lib.finalize(partial, final)
-    records = [r for r in data_lib.read_jsonl(final) if str(r["id"]) in wanted]
+        finalize(partial, final)
+    records = [r for r in read_jsonl(final) if str(r["id"]) in wanted]
     summary = summarize(records)
-    data_lib.write_json_atomic(os.path.join(args.out, "summary.json"), summary)
+    write_json_atomic(os.path.join(args.out, "summary.json"), summary)
     print_table(summary)
     if args.samples > 1:
         print_sampled_table(summary)
@@ -430,8 +405,6 @@ def evaluate(args):
 def merge_run(out, n):
     """Join the n finished shards of OUT into OUT/eval.jsonl, eval_config.json and summary.json, as one process
     would have written them (the records problem by problem, not in its length-sorted batch order)."""
-    import types
-    import data as data_lib
     shards = [os.path.join(out, shard_name((i, n))) for i in range(n)]
     config = read_shard_configs([os.path.join(shard, "eval_config.json") for shard in shards])
     args = types.SimpleNamespace(**config)
@@ -440,9 +413,9 @@ def merge_run(out, n):
                                       for q, m, j in solution_rows(queries, args)])
     records = merge_shards([os.path.join(shard, "eval.jsonl") for shard in shards], owner)
     summary = summarize(records)
-    data_lib.write_json_atomic(os.path.join(out, "eval_config.json"), {**config, "out": out, "shard": "0/1"})
+    write_json_atomic(os.path.join(out, "eval_config.json"), {**config, "out": out, "shard": "0/1"})
     write_jsonl_atomic(os.path.join(out, "eval.jsonl"), records)
-    data_lib.write_json_atomic(os.path.join(out, "summary.json"), summary)    # last: em.sh's mark of a finished stage
+    write_json_atomic(os.path.join(out, "summary.json"), summary)    # last: em.sh's mark of a finished stage
     print_table(summary)
     if args.samples > 1:
         print_sampled_table(summary)

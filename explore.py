@@ -1,13 +1,13 @@
 """
 The E-step, part 1: self-exploration.
 
-The model cannot learn when to code from its own unguided samples alone: a model that seldom codes
+The model cannot learn when to code from its own autonomous samples alone: a model that seldom codes
 unprompted seldom finds out where code would have helped. So for every query x we draw rollouts of
 three kinds (README, How it works):
 
     K guided to code   y ~ π(·|x, code)   the samples behind Q(x, code) = E[r(y)]
     K guided to CoT    y ~ π(·|x, cot)    the samples behind Q(x, cot)
-    K native           y ~ π(·|x)         the samples behind π(c|x), the model's own propensity
+    K autonomous           y ~ π(·|x)         the samples behind π(c|x), the model's own propensity
 
 Each rollout is generated with the sandbox as the tool (code runs mid-generation), graded against
 the gold answer, and written as one JSONL record; synthesize.py turns them into training data. Each
@@ -42,21 +42,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from tqdm import tqdm
 
-import data
 import flags
-import model as model_lib
 import sandbox
-from data import (merge_shards, parse_shard, read_shard_configs, row_seed, shard_name, shard_owners, take_shard,
-                  write_jsonl_atomic)
-from evaluate import CODE_OPEN, code_open_probability
+import task
 from grade import grade
+from jsonl import (JsonlAppender, finalize, merge_shards, parse_shard, read_jsonl, read_queries, read_shard_configs,
+                   row_seed, shard_name, shard_owners, take_shard, write_json_atomic, write_jsonl_atomic)
+from model import DTYPES, load
+from sampler import code_open_probability, generate
 
 # ----------------------------------------------------------------------------- hyperparameters
 model = ""                 # HF checkpoint dir (or 'tiny' for a random preset); required
 queries = ""               # JSONL queries (problem/question + answer/solution); required
 out = ""                   # rollouts JSONL; required
 k = 4                      # rollouts per query per mode (paper: 5 in v1, 8 in v3)
-modes = "code,cot,auto"    # guided to code, guided to CoT, native (autonomous)
+modes = "code,cot,auto"    # guided to code, guided to CoT, autonomous
 temperature = 1.0          # sampling temperature; stored in every record, train.py evaluates π_θ at it
 top_p = 1.0                # nucleus sampling (1.0: off); the behaviour log-probs are those of the distribution
                            # sampled from, softmax(logits / T) renormalised over the kept tokens
@@ -101,7 +101,7 @@ def chunks(items, size):
 # ----------------------------------------------------------------------------- the tool
 def cached_tool(tool_timeout, tool_memory_mb, tool_workers):
     """sandbox.tool, remembering each program's (output, status) for the rest of the run. The K rollouts of a
-    query often write the same program (and its native rollouts too): each distinct program then runs once.
+    query often write the same program (and its autonomous rollouts too): each distinct program then runs once.
     The program is all the cells replayed for the last one, so a hit is the same computation; only code that
     reads a clock or an unseeded RNG could differ between two runs. A sandbox failure is never remembered."""
     memo, counts = {}, {"executed": 0, "remembered": 0}
@@ -127,7 +127,7 @@ def cached_tool(tool_timeout, tool_memory_mb, tool_workers):
 def explore_batch(model, tokenizer, rows, prompt_ids, args, tool, p_code_open=None):
     """Generate, grade and build the records of one batch of rows. p_code_open: {query id: the model's probability
     of opening a code block unprompted}, or None."""
-    samples = model_lib.generate(
+    samples = generate(
         model, [prompt_ids[(query["id"], mode)] for query, mode, _ in rows], args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=[row_seed(args.seed, query["id"], mode, j) for query, mode, j in rows],
@@ -139,7 +139,7 @@ def explore_batch(model, tokenizer, rows, prompt_ids, args, tool, p_code_open=No
         record.update({f: query[f] for f in COPIED_FIELDS if f in query})
         record.update({
             "gold": query["answer"],
-            "prompt": data.make_prompt(tokenizer, query["problem"], mode),
+            "prompt": task.make_prompt(tokenizer, query["problem"], mode),
             "prompt_ids": prompt_ids[(query["id"], mode)],
             "auto_prompt_ids": prompt_ids[(query["id"], "auto")],   # what synthesize.py trains on
             "response": sample.text,
@@ -232,8 +232,8 @@ def parse_args(argv=None):
     parse_shard(args.shard)    # a malformed --shard is refused before anything loads
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
-        if mode not in data.MODES:
-            sys.exit(f"explore.py: --modes: {mode!r} is not one of {', '.join(data.MODES)}")
+        if mode not in task.MODES:
+            sys.exit(f"explore.py: --modes: {mode!r} is not one of {', '.join(task.MODES)}")
     if args.temperature <= 0:
         sys.exit("explore.py: --temperature must be > 0: exploration samples (greedy rollouts would all be the same)")
     # Resolved before the config is written: a partial file drawn in bf16 on a GPU is then never resumed in
@@ -245,8 +245,9 @@ def parse_args(argv=None):
     return args
 
 
-def read_queries(path, n):
-    queries = data.read_queries(path)
+def first_queries(path, n):
+    """The queries of the file at path, the first n of them (0: all)."""
+    queries = read_queries(path)
     return queries[:n] if n else queries
 
 
@@ -258,7 +259,7 @@ def merge_run(out, n):
         return
     shards = [f"{out}.{shard_name((i, n))}" for i in range(n)]
     config = read_shard_configs([shard + ".config.json" for shard in shards])
-    queries, modes = read_queries(config["queries"], config["n"]), config["modes"].split(",")
+    queries, modes = first_queries(config["queries"], config["n"]), config["modes"].split(",")
     owner = shard_owners(queries, n, [(q["id"], rollout_id(q["id"], mode, j))
                                       for q, mode, j in pending_rows(queries, modes, config["k"], set())])
     records = merge_shards(shards, owner)
@@ -268,13 +269,13 @@ def merge_run(out, n):
         with open(shard + ".summary.json") as f:
             shard_summaries.append(json.load(f))
     executions = [s["tool_executions_this_run"] for s in shard_summaries]
-    data.write_json_atomic(out + ".summary.json", {
+    write_json_atomic(out + ".summary.json", {
         **summary,
         "seconds_this_run": max(s["seconds_this_run"] for s in shard_summaries),   # side by side: the slowest
         # each shard keeps its own memo: their executions add up
         "tool_executions_this_run": None if None in executions else {key: sum(e[key] for e in executions)
                                                                       for key in executions[0]}})
-    data.write_json_atomic(out + ".config.json", {**config, "out": out, "shard": "0/1"})
+    write_json_atomic(out + ".config.json", {**config, "out": out, "shard": "0/1"})
     write_jsonl_atomic(out, records)        # last: a complete OUT means the stage is done
     print(format_summary(summary))
     print(f"merged {n} shards: {len(records)} rollouts to {out}")
@@ -294,15 +295,15 @@ def main(argv=None):
         return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     check_resumable(args.out, config)
-    data.write_json_atomic(args.out + ".config.json", config)
+    write_json_atomic(args.out + ".config.json", config)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    queries = take_shard(read_queries(args.queries, args.n), shard)
-    net, tokenizer = model_lib.load(args.model, dtype=model_lib.DTYPES[args.dtype], device=args.device)
+    queries = take_shard(first_queries(args.queries, args.n), shard)
+    net, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     # The prompts of every query in every mode, and always the autonomous one: it replaces the guidance
     # in training (synthesize.py), so every record carries it.
-    prompt_ids = {(q["id"], mode): data.encode_prompt(tokenizer, q["problem"], mode)
+    prompt_ids = {(q["id"], mode): task.encode_prompt(tokenizer, q["problem"], mode)
                   for q in queries for mode in set(args.modes) | {"auto"}}
     if args.tool_cache:
         tool = cached_tool(args.tool_timeout, args.tool_memory_mb, args.tool_workers or None)
@@ -312,11 +313,11 @@ def main(argv=None):
 
     partial = args.out + ".partial"
     start = time.time()
-    with data.JsonlAppender(partial) as out:
+    with JsonlAppender(partial) as out:
         rows = pending_rows(queries, args.modes, args.k, out.done_ids)
         print(f"{len(queries)} queries × {len(args.modes)} modes × K={args.k}: {len(rows)} rollouts to draw"
               + (f" ({len(out.done_ids)} already in {partial})" if out.done_ids else ""))
-        opening_ids = tokenizer.encode(CODE_OPEN, add_special_tokens=False)
+        opening_ids = tokenizer.encode(task.CODE_OPEN, add_special_tokens=False)
         with tqdm(total=len(rows), desc="explore", unit="rollout") as bar:
             for batch in chunks(rows, args.batch_size):
                 p_code_open = None
@@ -330,12 +331,12 @@ def main(argv=None):
                 bar.update(len(batch))
     elapsed = time.time() - start
 
-    records = data.read_jsonl(partial)
+    records = read_jsonl(partial)
     summary = summarize(records, args.modes)
     executions = getattr(tool, "counts", None)
-    data.write_json_atomic(args.out + ".summary.json",
+    write_json_atomic(args.out + ".summary.json",
                            {**summary, "seconds_this_run": elapsed, "tool_executions_this_run": executions})
-    data.finalize(partial, args.out)
+    finalize(partial, args.out)
     print(format_summary(summary))
     if executions:
         print(f"tool: {executions['executed']} programs executed, {executions['remembered']} calls answered "

@@ -13,10 +13,10 @@ E-step, a real checkpoint's summaries without families):
 
 and shows
 
-    1. accuracy of auto (unguided), code and cot (guided) per iteration, and selection accuracy
-    2. the autonomous code rate per family: where the unguided model chose to write code
+    1. accuracy of auto (autonomous), code and cot (guided) per iteration, and selection accuracy
+    2. the autonomous code rate per family: where the autonomous model chose to write code
     3. per family, s*(code), the share of the training the E-step sent to code, against the model's own
-       unguided code share in the same exploration: EM moves the second toward the first
+       autonomous code share in the same exploration: EM moves the second toward the first
     4. calls per problem, auto against code (code is the price of a forced choice)
     5. the stage times and the knobs
 
@@ -31,7 +31,7 @@ import re
 import sys
 
 import flags
-from data import FAMILIES
+from task import FAMILIES
 
 # ----------------------------------------------------------------------------- hyperparameters
 run = ""                 # the run dir (em.sh's runs/NAME); a first positional argument sets it too
@@ -139,15 +139,15 @@ def tables(r):
         header += ["auto 95% low", "auto 95% high"]
         for row, s in zip(rows, evals.values()):
             row += s.get("auto", {}).get("accuracy_ci95") or [None, None]
-    t["accuracy"] = ("Accuracy (%)", "Test problems solved per mode; selection: the unguided choice agrees with the "
+    t["accuracy"] = ("Accuracy (%)", "Test problems solved per mode; selection: the autonomous choice agrees with the "
                      "oracle's (CoT when CoT is right, else code)", header, rows)
-    t["code_rate"] = ("Autonomous code rate (%)", f"Unguided solutions that ran code, overall and per {key}"
-                      if key else "Unguided solutions that ran code",
+    t["code_rate"] = ("Autonomous code rate (%)", f"Autonomous solutions that ran code, overall and per {key}"
+                      if key else "Autonomous solutions that ran code",
                       ["iteration", "all", *groups],
                       [[i, s.get("auto", {}).get("code_rate"),
                         *(s.get("auto", {}).get(f"by_{key}", {}).get(g, {}).get("code_rate") for g in groups)]
                        for i, s in evals.items()])
-    t["calls"] = ("Calls per problem", "Code executions per problem, unguided against guided to code",
+    t["calls"] = ("Calls per problem", "Code executions per problem, autonomous against guided to code",
                   ["iteration", "auto", "code"],
                   [[i, *(s.get(m, {}).get("calls_per_problem") for m in ("auto", "code"))] for i, s in evals.items()])
     # The E-step, one row per family, (own, s*) per iteration: the pairs the small charts draw.
@@ -162,7 +162,7 @@ def tables(r):
                 c.get("unguided_code_share"), (c.get("strategy_code_share") or {}).get(used[i])))])
     strategies = ", ".join(sorted({f"{s.get('strategy', '?')} with s* {used[i]}" for i, s in synth.items()}))
     t["s_star"] = ("s*(code) against the model's own code share (%)",
-                   "The E-step of iteration i, per family: own, the share of the model's unguided rollouts that ran "
+                   "The E-step of iteration i, per family: own, the share of the model's autonomous rollouts that ran "
                    "code, against s*, the share of the training the reference strategy sent to code "
                    f"({strategies or 'no E-step yet'}; an RL-only run has no s*)",
                    ["family", *(f"{name} {i}" for i in synth for name in ("own", "s*"))], rows)
@@ -348,7 +348,7 @@ def write_html(r, t, text_tables, path):
         body.append('<div class="figures">' + "".join(f"<div>{svg}</div>" for svg in svgs) + "</div>")
         if section.startswith("The E-step"):
             body.append('<p class="note">Iteration i: the E-step that made iteration i\'s training data, explored '
-                        "with iteration i&#8722;1's model. own: the share of its unguided rollouts that ran code; "
+                        "with iteration i&#8722;1's model. own: the share of its autonomous rollouts that ran code; "
                         "s*: the share of the training that the reference strategy sent to code.</p>")
     blocks = [html_table(header, rows, f"<b>{esc(title)}</b>. {esc(caption)}.")
               for title, caption, header, rows in text_tables.values() if rows]

@@ -1,10 +1,9 @@
 """
 The E-step, part 2: from explored rollouts to the M-step's training data.
 
-explore.py drew, for every query x, K rollouts guided to code, K guided to CoT and K native
-(unguided) ones, and graded them. This file turns them into training records, query by query:
+explore.py drew, for every query x, K rollouts guided to code, K guided to CoT and K autonomous ones, and graded them. This file turns them into training records, query by query:
 
-  1. π(c|x)   how often the model picks c by itself: the share of its native (autonomous) rollouts
+  1. π(c|x)   how often the model picks c by itself: the share of its autonomous rollouts
               that ran code, smoothed so that "never in K samples" is not "impossible";
   2. Q(x,c)   how good method c is on x: the mean reward of the rollouts guided to c, with a small
               cost per code execution, so that "as good as code" means "prefer CoT";
@@ -34,28 +33,28 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 import flags
-from data import iter_jsonl, write_json_atomic, write_jsonl_atomic
+from jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
 
 # ----------------------------------------------------------------------------- hyperparameters
 rollouts = ""            # explore.py's output; required
 out = ""                 # training records (JSONL) for train.py; required
-strategy = "em"          # em: the paper (guided pools weighted by s*); rl: RL-only ablation (native
+strategy = "em"          # em: the paper (guided pools weighted by s*); rl: RL-only ablation (autonomous
                          # rollouts, no reference strategy, no λ term: its records say sft=false);
                          # sft: SFT-only ablation (D_s*, correct only)
 form = "argmax"          # posterior: s* ∝ π·Q (exact E-step); tempered: s* ∝ exp(α·π·Q) (the paper);
                          # argmax: the α = ∞ limit (paper v1), what the demo uses: the softer forms keep the
-                         # model's own π where both methods succeed (README, The EM loop)
+                         # model's own π where both methods succeed (docs/TASK.md)
 alpha = 10.0             # inverse temperature of the tempered form; π·Q lies in [0,1], so a gap of
                          # 0.3 in π·Q is a factor e^3 ≈ 20 between the methods
 code_cost = 0.05         # reward subtracted per code execution inside Q(x,code): ties go to CoT
-pi_source = "samples"    # samples: π(code|x) from the native rollouts; prob: from the model's probability
+pi_source = "samples"    # samples: π(code|x) from the autonomous rollouts; prob: from the model's probability
                          # of opening a ```python block (explore.py's p_code_open)
 pi_prior = 1.0           # pseudo-count a per method: π(code|x) = (n_code + a) / (K + 2a); a = 1 is
                          # Laplace's rule of succession (0 of 4 → 1/6, 4 of 4 → 5/6)
 samples_per_query = 0    # M: training rollouts per query, drawn from the guided pools with weights s*
-                         # (rl: drawn at random from the native group). 0: K, the size of one guided pool
+                         # (rl: drawn at random from the autonomous group). 0: K, the size of one guided pool
                          # (more cannot be drawn without repeats); a file with no guided pools (em.sh's
-                         # RL-only draws 3K native rollouts, EM's budget) gets K = its native rollouts / 3
+                         # RL-only draws 3K autonomous rollouts, EM's budget) gets K = their number / 3
 adv_eps = 1e-6           # in A = (r − mean) / (std + eps)
 reflect = 0              # self-reflective examples per query (paper v1); 0 = off. Needs --model
 hint_to_code = "\nThis may be wrong. Let me use python.\n"     # between a failed CoT and a code retry
@@ -67,7 +66,7 @@ seed = 0                 # subsampling is reproducible: one generator per (seed,
 METHODS = ("code", "cot")
 FORMS = ("posterior", "tempered", "argmax")
 GUIDED_MODES = {"code": "code", "cot": "cot"}   # method → the explore mode whose prompt guides to it
-NATIVE_MODE = "auto"
+AUTONOMOUS_MODE = "auto"
 REQUIRED = ("id", "query_id", "mode", "response_ids", "sampled_mask", "behaviour_logprobs", "calls",
             "correct")
 # The behaviour policy's sampling settings, copied from rollout to training record: train.py evaluates π_θ at
@@ -87,7 +86,7 @@ def read_rollouts(path):
         if len(record["sampled_mask"]) != n or len(record["behaviour_logprobs"]) != n:
             raise ValueError(f"{path}:{lineno}: response_ids, sampled_mask and behaviour_logprobs "
                              f"differ in length")
-        if record["mode"] != NATIVE_MODE and "auto_prompt_ids" not in record:
+        if record["mode"] != AUTONOMOUS_MODE and "auto_prompt_ids" not in record:
             raise ValueError(f"{path}:{lineno}: guided rollout without auto_prompt_ids (the autonomous "
                              f"prompt that replaces its guidance); rerun explore.py")
         if record["id"] in seen:
@@ -115,15 +114,15 @@ def estimate_q(pool, code_cost):
     return sum(float(r["correct"]) - code_cost * r["calls"] for r in pool) / len(pool)
 
 
-def estimate_pi(native, prior):
-    """π(code|x) = (n_code + a) / (K + 2a): the share of native rollouts that ran code, with a
+def estimate_pi(autonomous, prior):
+    """π(code|x) = (n_code + a) / (K + 2a): the share of autonomous rollouts that ran code, with a
     pseudo-rollouts of each method added (a Beta(a,a) prior). Without it a model that never coded in
     K samples would get π(code|x) = 0, and then s* ∝ π·Q could never send x to code however good
     code is there: exploration would be for nothing."""
-    if not native and prior <= 0:
-        raise ValueError("π(c|x) needs native rollouts (mode 'auto') or --pi_prior > 0")
-    n_code = sum(method_of(r) == "code" for r in native)
-    p_code = (n_code + prior) / (len(native) + 2 * prior)
+    if not autonomous and prior <= 0:
+        raise ValueError("π(c|x) needs autonomous rollouts (mode 'auto') or --pi_prior > 0")
+    n_code = sum(method_of(r) == "code" for r in autonomous)
+    p_code = (n_code + prior) / (len(autonomous) + 2 * prior)
     return {"code": p_code, "cot": 1.0 - p_code}
 
 
@@ -176,7 +175,7 @@ def whiten(rewards, eps):
 
 def autonomous_prompt_ids(rollout):
     """Guidance stripped: whatever prompt produced the response, the model trains on the autonomous one."""
-    return rollout["prompt_ids"] if rollout["mode"] == NATIVE_MODE else rollout["auto_prompt_ids"]
+    return rollout["prompt_ids"] if rollout["mode"] == AUTONOMOUS_MODE else rollout["auto_prompt_ids"]
 
 
 def training_record(rollout, advantage, sft):
@@ -228,7 +227,7 @@ class QueryResult:
     """What one query contributed, for the summary."""
     query_id: str
     family: str
-    unguided_code: float | None = None     # raw share of native rollouts that ran code (None: no native)
+    autonomous_code: float | None = None     # raw share of autonomous rollouts that ran code (None: none)
     pi_code: float | None = None           # smoothed π(code|x)
     q: dict | None = None                  # Q(x,c) per method
     s_star_code: dict = field(default_factory=dict)   # s*(code|x) per form (absent: unsolved query)
@@ -237,11 +236,22 @@ class QueryResult:
     records: list = field(default_factory=list)
 
 
-def default_m(pools, native):
+def model_prior(first, autonomous, pi_source, pi_prior):
+    """π(c|x) of a query: from its autonomous rollouts (estimate_pi), or the probability the model gave to opening a
+    code block (explore.py's p_code_open, carried by every rollout of the query)."""
+    if pi_source != "prob":
+        return estimate_pi(autonomous, pi_prior)
+    p_code = first.get("p_code_open")
+    if p_code is None:
+        raise ValueError(f"query {first['query_id']}: --pi_source=prob needs p_code_open in the rollouts")
+    return {"code": p_code, "cot": 1.0 - p_code}
+
+
+def default_m(pools, autonomous):
     """M = K, the size of one guided pool: the rollouts per method that explore.py drew. A file with no guided pools
-    is RL-only's, which spends the same explore budget (K + K + K) on 3K native rollouts: K = its natives / 3. So
+    is RL-only's, which spends the same explore budget (K + K + K) on 3K autonomous rollouts: K = their number / 3. So
     both strategies train on M = K records per query, and at the same epochs on the same number of steps."""
-    return max(len(pools["code"]), len(pools["cot"])) or max(1, len(native) // 3)
+    return max(len(pools["code"]), len(pools["cot"])) or max(1, len(autonomous) // 3)
 
 
 def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_prior, m, eps, rng,
@@ -250,20 +260,14 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
     by_mode = defaultdict(list)
     for r in sorted(rollouts, key=lambda r: (r["mode"], r.get("k", 0))):
         by_mode[r["mode"]].append(r)
-    native = by_mode[NATIVE_MODE]
+    autonomous = by_mode[AUTONOMOUS_MODE]
     pools = {c: by_mode[GUIDED_MODES[c]] for c in METHODS}
     first = rollouts[0]
     result = QueryResult(query_id=first["query_id"], family=str(first.get("family") or "none"))
 
-    if native:
-        result.unguided_code = sum(method_of(r) == "code" for r in native) / len(native)
-    if pi_source == "prob":
-        p_code = first.get("p_code_open")
-        if p_code is None:
-            raise ValueError(f"query {first['query_id']}: --pi_source=prob needs p_code_open in the rollouts")
-        pi = {"code": p_code, "cot": 1.0 - p_code}
-    else:
-        pi = estimate_pi(native, pi_prior)
+    if autonomous:
+        result.autonomous_code = sum(method_of(r) == "code" for r in autonomous) / len(autonomous)
+    pi = model_prior(first, autonomous, pi_source, pi_prior)
     result.pi_code = pi["code"]
 
     solved = any(r["correct"] for c in METHODS for r in pools[c])
@@ -272,10 +276,10 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
         if solved:
             result.s_star_code = {f: reference_strategy(pi, result.q, f, alpha)["code"] for f in FORMS}
 
-    result.m = m or default_m(pools, native)
+    result.m = m or default_m(pools, autonomous)
     if strategy == "rl":
-        # RL-only ablation: the model's own native rollouts are the group; no reference strategy.
-        group = native
+        # RL-only ablation: the model's own autonomous rollouts are the group; no reference strategy.
+        group = autonomous
     elif not solved:
         result.group = "unsolved"             # no guided rollout succeeded: s* has nothing to point at
         return result
@@ -299,7 +303,7 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
     advantages = whiten(rewards, eps)
 
     if strategy == "rl":
-        # The advantages are whitened over the whole native group (3K samples: the best baseline there is), but
+        # The advantages are whitened over the whole autonomous group (3K samples: the best baseline there is), but
         # only M of its records, drawn at random, are kept: EM trains on M per query, and the ablation must not
         # get 3x its M-step. sft=false: RL-only has no D_s*, so no λ term, whatever train.py's --sft_weight.
         kept = sorted(rng.sample(range(len(group)), min(result.m, len(group))))
@@ -329,7 +333,7 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
 
 # ----------------------------------------------------------------------------- the summary
 def summarize(results, strategy, form):
-    """Per family: the model's own unguided code share next to the reference strategy's, for every
+    """Per family: the model's own autonomous code share next to the reference strategy's, for every
     form of s*; the examples kept; the zero-variance groups."""
     families = defaultdict(list)
     for res in results:
@@ -349,7 +353,7 @@ def summarize(results, strategy, form):
         records = [rec for r in group for rec in r.records]
         summary["by_family"][family] = {
             "queries": len(group),
-            "unguided_code_share": mean(r.unguided_code for r in group),
+            "unguided_code_share": mean(r.autonomous_code for r in group),
             "pi_code": mean(r.pi_code for r in group),
             "q_code": mean(r.q["code"] for r in group if r.q),
             "q_cot": mean(r.q["cot"] for r in group if r.q),
@@ -373,7 +377,7 @@ def format_table(summary):
     def pct(v):
         return "-" if v is None else str(round(100 * v) + 0)     # + 0: no "-0"
     m = "/".join(str(v) for v in summary["samples_per_query"]) or "-"
-    lines = [f"strategy={summary['strategy']} form={summary['form']} M={m} per query. In %: own code = native "
+    lines = [f"strategy={summary['strategy']} form={summary['form']} M={m} per query. In %: own code = autonomous "
              f"rollouts that ran code; s*(code) = mean of s*(code|x) / share of queries with s*(code|x) > 1/2, over "
              f"solved queries. kept: training records, λ: those in the λ term (sft)",
              f"{'family':<12}{'n':>5}{'own code':>9}{'π(code)':>8}{'Q(code)':>8}{'Q(cot)':>7}   "

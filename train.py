@@ -46,9 +46,8 @@ import time
 from contextlib import nullcontext
 
 # Before torch loads OpenMP: between the many small ops of a step, idle OpenMP threads spin instead of sleeping and
-# being woken again. Training runs alone on its cores (no sandbox beside it, unlike explore.py and evaluate.py); on 2
-# cores 150 warm-start steps took 0.67x the wall time they took with PASSIVE (0.95x of the OpenMP default's), and
-# em.sh's M-step 0.79x.
+# being woken again. Training runs alone on its cores (no sandbox beside it, unlike explore.py and evaluate.py), so
+# spinning costs nothing and saves the wake-ups (measured in docs/LOG.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
 import torch
@@ -56,8 +55,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import flags
-from data import CODE_FAILS_FAMILIES, drill, encode_prompt, iter_jsonl, make_problems, teacher_solution, tokenize_response
-from model import fused_logprobs, load as load_checkpoint, save as save_checkpoint
+from jsonl import iter_jsonl
+from logprobs import fused_logprobs
+from model import load, save
+from task import CODE_FAILS_FAMILIES, drill, encode_prompt, make_problems, teacher_solution, tokenize_response
 
 # ----------------------------------------------------------------------------- hyperparameters
 # every line below is a command-line flag (--name=value, see flags.py); its comment is the help
@@ -67,22 +68,21 @@ init = "tiny"            # where θ starts: an HF checkpoint dir, or "tiny" (a f
 data = ""                # training records JSONL (synthesize.py); empty = the embedded task's teacher solutions
 out = "runs/warmstart"   # checkpoint dir written at the end (HF format, atomically), with train_config.json and train_log.jsonl
 # the embedded warm start (used when --data is empty)
-n_train = 30000          # problems drawn by data.make_problems(split="train"); each gives one example
-mode_weights = "1,2,1"   # how often a problem is posed with the code, cot and auto prompt
+n_train = 30000          # problems drawn by task.make_problems(split="train"); each gives one example
+mode_weights = "1,2,1"   # how often a problem is posed with the code, cot and autonomous (auto) prompt
                          # (CoT twice as often: digit-level CoT is what the tiny model learns slowest)
-auto_code_frac = 0.15    # share of auto prompts answered with the code solution (else CoT), in most families
-habit_code_frac = 0.9    # the same share on data.CODE_FAILS_FAMILIES: the coder's habit EM has to unlearn
-drill_frac = 0.1         # share of the examples that are an arithmetic drill (data.drill), not a problem: the
-                         # one-digit facts were the commonest CoT slip (14 - 6 = 9, 7 * 7 = 48)
+auto_code_frac = 0.15    # share of autonomous prompts answered with the code solution (else CoT), in most families
+habit_code_frac = 0.9    # the same share on task.CODE_FAILS_FAMILIES: the coder's habit EM has to unlearn
+drill_frac = 0.1         # share of the examples that are an arithmetic drill (task.drill), not a problem: practice
+                         # of the one-digit facts that digit-level CoT is made of
 steps = 3600             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
-                         # (~80 ms a step on 2 cores; 2,800 left easy CoT at 63-86% with five families, one token per character)
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)
 grad_accum = 1           # micro-batches per optimizer step
 pad_split = 2            # each micro-batch runs as this many pieces of similar length, so a short sequence is not
                          # padded to the longest: the same examples and the same gradient (one mean over the step's
-                         # tokens), fewer padded tokens (84% of them real in one piece, 92% in two: 0.88x the step time)
+                         # tokens), fewer padded tokens
 lr = 4e-3                # peak learning rate when training from scratch (init=tiny)
 finetune_lr = 1e-4       # peak learning rate when starting from a checkpoint (the M-step, SFT on records)
 warmup_frac = 0.03       # linear warmup over this share of the steps, then cosine decay
@@ -93,8 +93,7 @@ beta2 = 0.95             # AdamW β2
 grad_clip = 1.0          # clip the global gradient norm to this (0 = off)
 max_len = 0              # drop (and count) sequences longer than this many tokens; 0 = the model's context
 length_window = 0        # W > 0: batch by similar length within windows of W batches; 0 = random batches
-                         # (W = 32 pads less and steps ~1.6x faster, but same-length batches are same-family
-                         # batches: the warm start's forced CoT on add_sub fell from 99% to 77%)
+                         # (faster, but same-length batches are same-family batches: docs/TASK.md)
 # the M-step objective
 clip_eps = 0.2           # ε of the clipped ratio (the paper's clip range [0.8, 1.2])
 dual_clip = 3.0          # c: with A < 0 the policy term is at least c·A (Ye et al. 2020); 0 = off, else ≥ 1 + ε
@@ -140,7 +139,7 @@ def warmstart_examples(tokenizer, args):
     """Teacher solutions of the embedded task. Each guided prompt gets its own style; the
     autonomous prompt gets code with probability auto_code_frac in most families (the model can do
     both when told and rarely codes unprompted, like the paper's base models) and habit_code_frac on
-    data.CODE_FAILS_FAMILIES, where its code is wrong (a tool-integrated model's habit): the choice,
+    task.CODE_FAILS_FAMILIES, where its code is wrong (a tool-integrated model's habit): the choice,
     in both directions, is what EM has to learn."""
     rng = random.Random(args.seed)
     weights = [float(w) for w in args.mode_weights.split(",")]
@@ -432,7 +431,7 @@ def main(argv=None):
         print(json.dumps(vars(args)))
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_checkpoint(args.init, device=device, seed=args.seed)
+    model, tokenizer = load(args.init, device=device, seed=args.seed)
     max_len = args.max_len or model.config.max_position_embeddings
     peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
 
@@ -510,7 +509,7 @@ def save_run(model, tokenizer, config, log):
     into place at the end so a complete `out` dir always means a finished run."""
     out = config["out"]
     tmp = f"{out.rstrip('/')}.saving{os.getpid()}"
-    save_checkpoint(model, tokenizer, tmp)
+    save(model, tokenizer, tmp)
     with open(os.path.join(tmp, "train_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:

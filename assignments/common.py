@@ -29,7 +29,7 @@ def by_id():
 
 
 def function_of(spec):
-    """'model.py:FusedLogprobs.backward' -> ('model.py', ['FusedLogprobs', 'backward'])."""
+    """'logprobs.py:FusedLogprobs.backward' -> ('logprobs.py', ['FusedLogprobs', 'backward'])."""
     path, _, qualname = spec.partition(":")
     if not path.endswith(".py") or not qualname:
         raise ValueError(f"{spec!r}: expected 'module.py:function' or 'module.py:Class.method'")

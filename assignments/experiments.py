@@ -55,27 +55,27 @@ def report(problems, passed_line, what="difference(s) from the reference"):
 
 
 # ============================================================================= A1-A3: synthesize.py
-def synthesize_run(S, name, setting, rollouts, reference, tmp):
+def synthesize_run(synthesize, name, setting, rollouts, reference, tmp):
     """synthesize.main with a fixture setting's flags, in this process; returns (summary, records)."""
     out = os.path.join(tmp, f"{name}.jsonl")
     flags = [f for f in setting["flags"] if not f.startswith("--model=")]
     if any(f.startswith("--reflect=") for f in flags):
         flags.append("--model=tiny")            # encode_hints is replaced: the fixture's hint ids
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        S.main([f"--rollouts={rollouts}", f"--out={out}"] + flags)
+        synthesize.main([f"--rollouts={rollouts}", f"--out={out}"] + flags)
     with open(out) as f:
         records = [json.loads(line) for line in f]
     with open(out + ".summary.json") as f:
         return json.load(f), records
 
 
-def install_synthesize_stand_ins(S, reference, own):
+def install_synthesize_stand_ins(synthesize, reference, own):
     """Replace synthesize.py's functions of the assignments other than `own` by replays of the reference run."""
     calls = reference["calls"]
-    S.encode_hints = lambda model_dir, hints: {k: list(v) for k, v in reference["hint_ids"].items()}
+    synthesize.encode_hints = lambda model_dir, hints: {k: list(v) for k, v in reference["hint_ids"].items()}
     if own != "A1":
         for name in ("estimate_q", "estimate_pi", "reference_strategy"):
-            setattr(S, name, replay.replayer(name, calls[name]))
+            setattr(synthesize, name, replay.replayer(name, calls[name]))
     if own != "A2":
         def subsample(pools, s_star, m, rng):
             key = replay.key_of("subsample", (pools, s_star, m, rng))
@@ -87,13 +87,13 @@ def install_synthesize_stand_ins(S, reference, own):
                 rng.random() if op[0] == "random" else rng.sample(range(op[1]), op[2])
             by_id = {r["id"]: r for c in ("code", "cot") for r in pools[c]}
             return [by_id[i] for i in entry["ids"]]
-        S.subsample = subsample
-        S.whiten = replay.replayer("whiten", calls["whiten"])
+        synthesize.subsample = subsample
+        synthesize.whiten = replay.replayer("whiten", calls["whiten"])
     if own != "A3":
         # what summarize() reads of a record, and what the A1/A2 comparisons look at: no guidance stripping here
         def training_record(rollout, advantage, sft):
             return {"id": rollout["id"], "query_id": rollout["query_id"], "family": rollout.get("family"),
-                    "method": S.method_of(rollout), "source_mode": rollout["mode"], "advantage": advantage,
+                    "method": synthesize.method_of(rollout), "source_mode": rollout["mode"], "advantage": advantage,
                     "sft": sft, "reward": float(rollout["correct"])}
         reflections = {(r["failed"], r["success"]): r["record"] for r in reference["reflections"]}
 
@@ -102,9 +102,9 @@ def install_synthesize_stand_ins(S, reference, own):
             if view is None:
                 raise replay.ReplayMiss(f"reflection {failed['id']} > {success['id']} was not drawn by the reference")
             return {k: view[k] for k in ("id", "advantage", "sft", "method", "source_mode")}
-        S.training_record = training_record
-        S.reflective_record = reflective_record
-        S.autonomous_prompt_ids = lambda rollout: None
+        synthesize.training_record = training_record
+        synthesize.reflective_record = reflective_record
+        synthesize.autonomous_prompt_ids = lambda rollout: None
 
 
 def compare_numbers(expected, got, where, problems, tol=1e-9):
@@ -119,20 +119,20 @@ def compare_numbers(expected, got, where, problems, tol=1e-9):
 
 
 def experiment_synthesize(own):
-    import synthesize as S
+    import synthesize
     reference = load_fixture("synthesize_reference.json")
     rollouts = os.path.join(FIXTURES, "synthesize_rollouts.jsonl")
-    install_synthesize_stand_ins(S, reference, own)
+    install_synthesize_stand_ins(synthesize, reference, own)
     problems, shown = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for name, setting in reference["settings"].items():
             try:
-                summary, records = synthesize_run(S, name, setting, rollouts, reference, tmp)
+                summary, records = synthesize_run(synthesize, name, setting, rollouts, reference, tmp)
             except replay.ReplayMiss as miss:
                 problems.append(f"setting {name}: {miss}")
                 continue
             if name == "em-tempered":
-                shown = S.format_table(summary)
+                shown = synthesize.format_table(summary)
             by_family = summary["by_family"]
             if own == "A1":
                 for family, fields in setting["A1"].items():
@@ -190,12 +190,16 @@ def naive_fused_logprobs(hidden, weight, targets, chunk_size=2048, temperature=1
 def experiment_mstep():
     """On-policy the ratio is 1; then 40 M-steps raise the probability of the rewarded behaviour."""
     import torch
-    import model as M
+    import grade
+    import model
+    import sampler
+    import synthesize
+    import task
     import train
     train.fused_logprobs = naive_fused_logprobs        # A5's kernel is not needed here
     torch.manual_seed(0)
-    net = M.Transformer(M.Config(**M.TINY_CONFIG))
-    M.init_weights(net, std=0.02)
+    net = model.Transformer(model.Config(**model.TINY_CONFIG))
+    model.init_weights(net, std=0.02)
     temperature, prompt = 0.7, [40, 41, 42, 43, 2]
     even = torch.arange(net.config.vocab_size) % 2 == 0
 
@@ -204,7 +208,7 @@ def experiment_mstep():
             logits = net(torch.tensor([prompt]))[0, -1] / temperature
             return torch.softmax(logits, -1)[even].sum().item()
 
-    rollouts = M.generate_reference(net, [prompt] * 24, 12, temperature=temperature, seeds=list(range(24)))
+    rollouts = sampler.generate_reference(net, [prompt] * 24, 12, temperature=temperature, seeds=list(range(24)))
     rewards = [float(ids[len(prompt)] % 2 == 0) for ids, _ in rollouts]     # reward: an even first token
     mean = sum(rewards) / len(rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) + 1e-6
@@ -247,7 +251,7 @@ def experiment_mstep():
 FUSED_CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from model import fused_logprobs
+from logprobs import fused_logprobs
 torch.set_num_threads(1)
 N, V, D = 2048, 32768, 64
 g = torch.Generator().manual_seed(0)
@@ -307,15 +311,19 @@ def cached_generate(net, prompts, new_tokens, temperature, seeds, block=8):
     """The sampler's core without tools or slot juggling: one prefill, then one step per token, the cache grown by
     `block` positions at a time (as generate() does). Uses only reference pieces besides Transformer.step."""
     import torch
-    import model as M
+    import grade
+    import model
+    import sampler
+    import synthesize
+    import task
     longest = max(map(len, prompts))
-    cache = M.KVCache(net.config, len(prompts), longest, torch.float32, "cpu")
+    cache = sampler.KVCache(net.config, len(prompts), longest, torch.float32, "cpu")
     with torch.no_grad():
         last = net.prefill(prompts, (cache.k, cache.v))
         cache.grow(longest + block)
         lengths = torch.tensor([len(p) for p in prompts])
         seed_tensor = torch.tensor(seeds)
-        tokens, logprobs = M.choose_tokens(net.lm_head(last).float(), temperature, 0, 1.0, seed_tensor, lengths)
+        tokens, logprobs = sampler.choose_tokens(net.lm_head(last).float(), temperature, 0, 1.0, seed_tensor, lengths)
         out = [[t] for t in tokens.tolist()]
         lps = [[x] for x in logprobs.tolist()]
         for _ in range(new_tokens - 1):
@@ -323,7 +331,7 @@ def cached_generate(net, prompts, new_tokens, temperature, seeds, block=8):
             if int(lengths.max()) > cache.capacity:
                 cache.grow(cache.capacity + block)
             hidden = net.step(tokens[:, None], (cache.k, cache.v), lengths - 1)
-            tokens, logprobs = M.choose_tokens(net.lm_head(hidden[:, 0]).float(), temperature, 0, 1.0, seed_tensor,
+            tokens, logprobs = sampler.choose_tokens(net.lm_head(hidden[:, 0]).float(), temperature, 0, 1.0, seed_tensor,
                                                lengths)
             for i, (t, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                 out[i].append(t)
@@ -333,12 +341,16 @@ def cached_generate(net, prompts, new_tokens, temperature, seeds, block=8):
 
 def experiment_decode():
     import torch
-    import model as M
+    import grade
+    import model
+    import sampler
+    import synthesize
+    import task
     torch.manual_seed(0)
-    net = M.Transformer(M.Config(**dict(M.TINY_CONFIG, num_key_value_heads=2)))   # the tiny preset, with GQA
+    net = model.Transformer(model.Config(**dict(model.TINY_CONFIG, num_key_value_heads=2)))   # the tiny preset, with GQA
     # std 0.2: peaked logits, so float rounding (a cached step adds the attention up in another order) cannot flip
     # a near-tied argmax on some machine
-    M.init_weights(net, std=0.2)
+    model.init_weights(net, std=0.2)
     net.eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 98, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (16,), generator=g)]
@@ -349,7 +361,7 @@ def experiment_decode():
         ours, our_lps = cached_generate(net, prompts, 48, temperature, seeds)
         cached = time.time() - t
         t = time.time()
-        reference = M.generate_reference(net, prompts, 48, temperature=temperature, seeds=seeds)
+        reference = sampler.generate_reference(net, prompts, 48, temperature=temperature, seeds=seeds)
         free = time.time() - t
         same = sum(o == ids[len(p):] for o, p, (ids, _) in zip(ours, prompts, reference))
         worst = max(abs(a - b) for o, (_, lps) in zip(our_lps, reference) for a, b in zip(o, lps))
@@ -360,28 +372,30 @@ def experiment_decode():
         if worst > 1e-3:
             problems.append(f"T = {temperature}: log-probs differ by up to {worst:.1e}")
     if not any(blanked_ids(ROOT, spec) for spec in by_id()["A7"]["functions"]):
-        samples = M.generate(net, prompts, 48, temperature=0.8, seed=seeds, eos_token_id=[])
-        reference = M.generate_reference(net, prompts, 48, temperature=0.8, seeds=seeds)
+        samples = sampler.generate(net, prompts, 48, temperature=0.8, seed=seeds, eos_token_id=[])
+        reference = sampler.generate_reference(net, prompts, 48, temperature=0.8, seeds=seeds)
         same = sum(s.tokens == ids[len(p):] for s, p, (ids, _) in zip(samples, prompts, reference))
-        print(f"  model.generate (packed prefill, shared slots, your step): {same}/16 rows identical")
+        print(f"  sampler.generate (packed prefill, shared slots, your step): {same}/16 rows identical")
         if same != 16:
             problems.append(f"generate(): {16 - same} of 16 rows differ from the cache-free generation")
     else:
-        print("  (model.generate itself is not run: A7's functions are still blanked in this copy)")
+        print("  (sampler.generate itself is not run: A7's functions are still blanked in this copy)")
     return report(problems, "generation with the KV cache equals generation without it, token for token")
 
 
 # ============================================================================= A7: tool-integrated decoding
 def experiment_tools():
     import torch
-    import data
-    import model as M
-
-    class ScriptedModel(M.Transformer):
+    import grade
+    import model
+    import sampler
+    import synthesize
+    import task
+    class ScriptedModel(model.Transformer):
         """Row i's next token is scripts[i][position + 1]: the teacher's solution, whatever came before. Which row a
         slot holds is written into that slot's cache by the prefill (generate() moves cache slots with their rows)."""
         def __init__(self, scripts, vocab):
-            super().__init__(M.Config(vocab_size=vocab, hidden_size=vocab, num_attention_heads=2,
+            super().__init__(model.Config(vocab_size=vocab, hidden_size=vocab, num_attention_heads=2,
                                       num_key_value_heads=2, num_hidden_layers=1, intermediate_size=8,
                                       max_position_embeddings=max(map(len, scripts)) + 2, tie_word_embeddings=False,
                                       eos_token_id=0))
@@ -400,16 +414,16 @@ def experiment_tools():
             rows = cache[0][0, :input_ids.shape[0], 0, 0, 0].long()
             return torch.nn.functional.one_hot(self.scripts[rows, positions + 1][:, None], self.config.vocab_size).float()
 
-    tokenizer = M.tiny_tokenizer()
-    records = data.make_problems(24, "test", seed=3)
+    tokenizer = task.tiny_tokenizer()
+    records = task.make_problems(24, "test", seed=3)
     scripts, prompts, expected = [], [], []
     for i, record in enumerate(records):
         style = "code" if i % 3 else "cot"
-        solution = data.teacher_solution(record, style)
-        output = str(eval(data._expression_of(record)))
+        solution = task.teacher_solution(record, style)
+        output = str(eval(task._expression_of(record)))
         # the script has a placeholder where the output goes: only a working injection puts the output there
-        script = solution.replace(M.tool_injection(output), M.tool_injection("?" * len(output)))
-        prompt = data.make_prompt(tokenizer, record["problem"], style)
+        script = solution.replace(task.tool_injection(output), task.tool_injection("?" * len(output)))
+        prompt = task.make_prompt(tokenizer, record["problem"], style)
         ids = tokenizer.encode(prompt + script, add_special_tokens=False) + [tokenizer.eos_token_id]
         scripts.append(ids)
         prompts.append(tokenizer.encode(prompt, add_special_tokens=False))
@@ -430,13 +444,13 @@ def experiment_tools():
         return results
 
     t = time.time()
-    samples = M.generate(net, prompts, 400, temperature=0, tokenizer=tokenizer, tool=tool, max_calls=2)
+    samples = sampler.generate(net, prompts, 400, temperature=0, tokenizer=tokenizer, tool=tool, max_calls=2)
     wall = time.time() - t
     bad = []
     for i, (sample, (solution, output, style)) in enumerate(zip(samples, expected)):
         mask = [1] * len(solution)
         if style == "code":
-            piece = M.tool_injection(output)
+            piece = task.tool_injection(output)
             start = solution.index(piece)
             mask[start:start + len(piece)] = [0] * len(piece)
         if sample.text != solution:
@@ -512,16 +526,16 @@ def experiment_sandbox():
 # ============================================================================= A9: the grader's table
 def experiment_grade():
     import ast
-    import grade as G
+    import grade
     reference = load_fixture("grade_reference.json")
     problems = []
     for a, b, verdict in reference["numeric_verdicts"]:
-        got = G._numeric_verdict(ast.literal_eval(a), ast.literal_eval(b))
+        got = grade._numeric_verdict(ast.literal_eval(a), ast.literal_eval(b))
         if got != verdict or type(got) is not type(verdict):
             problems.append(f"_numeric_verdict({a[:60]}, {b[:60]}): reference {verdict!r}, yours {got!r}")
     agree, t = 0, time.time()
     for pred, gold, forward, backward in reference["pairs"]:
-        mine = (G.is_equiv(pred, gold), G.is_equiv(gold, pred))
+        mine = (grade.is_equiv(pred, gold), grade.is_equiv(gold, pred))
         if mine == (forward, backward):
             agree += 1
         else:
@@ -563,9 +577,9 @@ def experiment_capstone(seed, name):
 
 def family_kinds(first):
     """{kind: [families]} from the warm start's forced modes (iteration 0): see capstone.json's comment."""
-    import data
+    import task
     code, cot = first["code"].get("by_family", {}), first["cot"].get("by_family", {})
-    kinds = {"cot": [], "code": [], "code_fails": [f for f in data.CODE_FAILS_FAMILIES if f in cot]}
+    kinds = {"cot": [], "code": [], "code_fails": [f for f in task.CODE_FAILS_FAMILIES if f in cot]}
     for family in cot:
         if cot[family]["accuracy"] >= 0.90:
             kinds["cot"].append(family)

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 ROLLOUTS = os.path.join(FIXTURES, "synthesize_rollouts.jsonl")
 SYNTH_REFERENCE = os.path.join(FIXTURES, "synthesize_reference.json")
 # Where the rollouts were taken from (a finished `bash em.sh` of the embedded task), and which queries: one or two
-# per (family, code-guided correct, CoT-guided correct, native rollouts that coded) pattern, so the table has
+# per (family, code-guided correct, CoT-guided correct, autonomous rollouts that coded) pattern, so the table has
 # easy and hard families, mixed and all-correct groups, an unsolved query and a code rollout that ran no code.
 SOURCE_RUN = "runs/demo/iter_1/rollouts.jsonl"
 QUERIES = ["train-1001-0", "train-1001-1", "train-1001-2", "train-1001-48",     # add_sub   (SEED=1's queries)
@@ -68,9 +68,9 @@ A2_FIELDS = ("examples", "examples_code_share", "sft_examples", "groups_mixed", 
 
 
 def tiny_ids(text):
-    """The tiny preset's one-character token ids (model.TINY_CHARACTERS after the two special tokens), so the
+    """The tiny preset's one-character token ids (task.TINY_CHARACTERS after the two special tokens), so the
     hints need no tokenizer load."""
-    from model import TINY_CHARACTERS, TINY_SPECIAL_TOKENS
+    from task import TINY_CHARACTERS, TINY_SPECIAL_TOKENS
     return [len(TINY_SPECIAL_TOKENS) + TINY_CHARACTERS.index(c) for c in text]
 
 
@@ -116,14 +116,14 @@ def record_view(record):
             "fields": {k: replay.digest(v)[:8] for k, v in sorted(record.items()) if k not in readable}}
 
 
-def run_synthesize(S, rollouts_path, flags, out_dir):
+def run_synthesize(synthesize, rollouts_path, flags, out_dir):
     """synthesize.main with flags, in this process; returns (summary, records)."""
     out = os.path.join(out_dir, "train.jsonl")
     argv = [f"--rollouts={rollouts_path}", f"--out={out}"] + flags
     import contextlib
     import io
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        S.main(argv)
+        synthesize.main(argv)
     with open(out) as f:
         records = [json.loads(line) for line in f]
     with open(out + ".summary.json") as f:
@@ -132,10 +132,10 @@ def run_synthesize(S, rollouts_path, flags, out_dir):
 
 
 def make_synthesize_reference(rollouts_path):
-    import synthesize as S
-    originals = {name: getattr(S, name) for names in SYNTH_FUNCTIONS.values() for name in names}
+    import synthesize
+    originals = {name: getattr(synthesize, name) for names in SYNTH_FUNCTIONS.values() for name in names}
     calls = {name: {} for name in ("estimate_q", "estimate_pi", "reference_strategy", "subsample", "whiten")}
-    hint_ids = {"code": tiny_ids(S.hint_to_code), "cot": tiny_ids(S.hint_to_cot)}
+    hint_ids = {"code": tiny_ids(synthesize.hint_to_code), "cot": tiny_ids(synthesize.hint_to_cot)}
 
     def subsample_recorded(pools, s_star, m, rng):
         log, key = [], replay.key_of("subsample", (pools, s_star, m, rng))    # the generator's state before
@@ -151,20 +151,20 @@ def make_synthesize_reference(rollouts_path):
                             "record": record_view(result)})
         return result
 
-    S.estimate_q = replay.recorder("estimate_q", originals["estimate_q"], calls["estimate_q"])
-    S.estimate_pi = replay.recorder("estimate_pi", originals["estimate_pi"], calls["estimate_pi"])
-    S.reference_strategy = replay.recorder("reference_strategy", originals["reference_strategy"],
+    synthesize.estimate_q = replay.recorder("estimate_q", originals["estimate_q"], calls["estimate_q"])
+    synthesize.estimate_pi = replay.recorder("estimate_pi", originals["estimate_pi"], calls["estimate_pi"])
+    synthesize.reference_strategy = replay.recorder("reference_strategy", originals["reference_strategy"],
                                            calls["reference_strategy"])
-    S.whiten = replay.recorder("whiten", originals["whiten"], calls["whiten"])
-    S.subsample = subsample_recorded
-    S.reflective_record = reflective_recorded
-    encode_hints = S.encode_hints
-    S.encode_hints = lambda model_dir, hints: hint_ids
+    synthesize.whiten = replay.recorder("whiten", originals["whiten"], calls["whiten"])
+    synthesize.subsample = subsample_recorded
+    synthesize.reflective_record = reflective_recorded
+    encode_hints = synthesize.encode_hints
+    synthesize.encode_hints = lambda model_dir, hints: hint_ids
     settings = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name, flags in SETTINGS.items():
-                summary, records = run_synthesize(S, rollouts_path, flags, tmp)
+                summary, records = run_synthesize(synthesize, rollouts_path, flags, tmp)
                 by_family = summary["by_family"]
                 settings[name] = {
                     "flags": flags,
@@ -174,8 +174,8 @@ def make_synthesize_reference(rollouts_path):
                 }
     finally:
         for name, function in originals.items():
-            setattr(S, name, function)
-        S.encode_hints = encode_hints
+            setattr(synthesize, name, function)
+        synthesize.encode_hints = encode_hints
     return {"about": "made by assignments/make_fixtures.py from the reference synthesize.py; see its docstring",
             "hint_ids": hint_ids, "settings": settings, "calls": calls, "reflections": reflections}
 
@@ -236,22 +236,22 @@ GRADE_REFERENCE = os.path.join(FIXTURES, "grade_reference.json")
 def make_grade_reference():
     """The pairs of the repo's own grader table (tests/test_grade.py EQUIV: the specification of is_equiv), and what
     the reference _numeric_verdict said on every pair of parsed values it was asked about (trees by repr)."""
-    import grade as G
+    import grade
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from test_grade import EQUIV
     calls = {}
-    original = G._numeric_verdict
+    original = grade._numeric_verdict
 
     def recorded(a, b):
         verdict = original(a, b)
         calls[repr(a) + " || " + repr(b)] = [repr(a), repr(b), verdict]
         return verdict
 
-    G._numeric_verdict = recorded
+    grade._numeric_verdict = recorded
     try:
-        pairs = [[pred, gold, G.is_equiv(pred, gold), G.is_equiv(gold, pred)] for pred, gold, _ in EQUIV]
+        pairs = [[pred, gold, grade.is_equiv(pred, gold), grade.is_equiv(gold, pred)] for pred, gold, _ in EQUIV]
     finally:
-        G._numeric_verdict = original
+        grade._numeric_verdict = original
     return {"about": "made by assignments/make_fixtures.py from the reference grade.py and tests/test_grade.py",
             "pairs": pairs, "numeric_verdicts": sorted(calls.values())}
 

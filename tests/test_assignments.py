@@ -37,12 +37,12 @@ PLANTED = {
     "A4": ("train.py", "policy_term = torch.minimum(ratio * advantages, clipped_ratio * advantages)",
            "policy_term = torch.maximum(ratio * advantages, clipped_ratio * advantages)",
            "max for min in the clipped term"),
-    "A5": ("model.py", "                    probs_times_weight /= temperature\n", "                    pass\n",
+    "A5": ("logprobs.py", "                    probs_times_weight /= temperature\n", "                    pass\n",
            "d hidden forgets the temperature"),
     "A6": ("model.py", 'mask.masked_fill_(keys > positions[:, None, None, None], float("-inf"))',
            'mask.masked_fill_(keys > positions[:, None, None, None] + 1, float("-inf"))',
            "off-by-one: the decode mask lets a row see one position past its own"),
-    "A7": ("model.py", "elif sampled and rules.tail_chars:", "elif rules.tail_chars:",
+    "A7": ("sampler.py", "elif sampled and rules.tail_chars:", "elif rules.tail_chars:",
            "injected tool output can trigger another call or stop the row"),
     "A8": ("sandbox.py", '    if "pid_ns" not in features:\n        sweep()\n    status_msg',
            "    status_msg", "without a PID namespace, a timeout does not kill the child's children"),
@@ -62,11 +62,11 @@ PLANTED_AGAIN = {
            "a failed attempt that ended on a stop string or max_calls loses its last token"),
     "A4": ("train.py", "ratio = torch.exp(logprobs - behaviour_logprobs)",
            "ratio = torch.exp((logprobs - behaviour_logprobs).clamp(-5.0, 5.0))", "the ratio itself capped at e^5"),
-    "A5": ("model.py", "grad_hidden = torch.zeros(hidden.shape, dtype=float_dtype",
+    "A5": ("logprobs.py", "grad_hidden = torch.zeros(hidden.shape, dtype=float_dtype",
            "grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype", "d hidden accumulated in bf16"),
     "A6": ("model.py", "cos, sin = self.rope_tables(capacity, x.dtype)", "cos, sin = self.rope_tables(n, x.dtype)",
            "the rotary table sized by the batch, not by the cache's capacity"),
-    "A7": ("model.py", "if any(tail.endswith(s) for s in rules.stop_strings):",
+    "A7": ("sampler.py", "if any(tail.endswith(s) for s in rules.stop_strings):",
            "if any(tail.rstrip().endswith(s) for s in rules.stop_strings):",
            "stop strings compared with the stripped tail (a whitespace stop string never stops)"),
     "A8": ("sandbox.py", "outputs[fd] += chunk[: cap + 1 - len(outputs[fd])]", "outputs[fd] += chunk[: cap + 1]",
@@ -163,7 +163,7 @@ def test_blanking_one_assignment_touches_only_its_functions(tmp_path, aid):
             else:
                 assert function_source(str(out), spec) == function_source(REPO, spec), f"{spec} changed"
     touched = {function_of(spec)[0] for spec in next(a for a in TABLE if a["id"] == aid)["functions"]}
-    for path in ("synthesize.py", "train.py", "model.py", "sandbox.py", "grade.py", "data.py", "em.sh"):
+    for path in ("synthesize.py", "train.py", "model.py", "sandbox.py", "grade.py", "task.py", "jsonl.py", "sampler.py", "logprobs.py", "em.sh"):
         if path not in touched:
             with open(os.path.join(REPO, path), "rb") as f, open(out / path, "rb") as g:
                 assert f.read() == g.read(), f"{path} differs in the {aid} student version"

@@ -4,12 +4,15 @@ tests are in tests/test_grade.py."""
 
 import json
 import os
-import sys
-import types
 
 import pytest
+import torch
 
 import evaluate
+import model
+import sampler
+import sandbox
+import task
 
 
 # -----------------------------------------------------------------------------
@@ -58,7 +61,6 @@ def test_summarize_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    model = pytest.importorskip("model")
     path = str(tmp_path_factory.mktemp("tiny") / "ckpt")
     net, tokenizer = model.load("tiny")
     model.save(net, tokenizer, path)
@@ -66,14 +68,11 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_code_open_probability_matches_naive(tiny_checkpoint):
-    import torch
-    import data
-    import model
     net, tokenizer = model.load(tiny_checkpoint)
-    open_ids = tokenizer.encode(evaluate.CODE_OPEN, add_special_tokens=False)
-    prompts = [data.encode_prompt(tokenizer, p, "auto") for p in ("What is 2 + 3?", "Compute 123 * 45 now, please.")]
+    open_ids = tokenizer.encode(task.CODE_OPEN, add_special_tokens=False)
+    prompts = [task.encode_prompt(tokenizer, p, "auto") for p in ("What is 2 + 3?", "Compute 123 * 45 now, please.")]
     with torch.inference_mode():
-        ours = evaluate.code_open_probability(net, prompts, open_ids)
+        ours = sampler.code_open_probability(net, prompts, open_ids)
         for prompt, p in zip(prompts, ours):
             logprobs = torch.log_softmax(net(torch.tensor([prompt + open_ids]))[0].float(), -1)
             naive = sum(logprobs[len(prompt) - 1 + j, t].item() for j, t in enumerate(open_ids))
@@ -81,26 +80,19 @@ def test_code_open_probability_matches_naive(tiny_checkpoint):
 
 
 def test_stage_end_to_end(tiny_checkpoint, tmp_path, monkeypatch):
-    import data
-    import model
-    try:
-        import sandbox
-    except ImportError:      # sandbox.py not written yet: the stage only needs sandbox.tool
-        sandbox = types.ModuleType("sandbox")
-        monkeypatch.setitem(sys.modules, "sandbox", sandbox)
     tool_calls = []
 
     def fake_tool(responses, **limits):
         tool_calls.append(len(responses))
         return [("42", "ok")] * len(responses)
 
-    monkeypatch.setattr(sandbox, "tool", fake_tool, raising=False)
+    monkeypatch.setattr(sandbox, "tool", fake_tool)
     generated = []
-    real_generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda net, prompts, *a, **k: generated.append(len(prompts)) or
+    real_generate = sampler.generate
+    monkeypatch.setattr(evaluate, "generate", lambda net, prompts, *a, **k: generated.append(len(prompts)) or
                         real_generate(net, prompts, *a, **k))
 
-    queries = data.make_problems(5, "test")
+    queries = task.make_problems(5, "test")
     queries_path = tmp_path / "queries.jsonl"
     queries_path.write_text("".join(json.dumps({**q, "level": "Level 1"}) + "\n" for q in queries))
     out = tmp_path / "eval"
@@ -219,16 +211,13 @@ def test_summarize_sampled_by_hand():
 
 
 def test_sampled_stage_resumes(tmp_path, monkeypatch):
-    import data
-    import model
-    import sandbox
     monkeypatch.setattr(sandbox, "tool", lambda responses, **limits: [("42", "ok")] * len(responses))
     generated = []
-    real_generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda net, prompts, *a, **k: generated.append(len(prompts)) or
+    real_generate = sampler.generate
+    monkeypatch.setattr(evaluate, "generate", lambda net, prompts, *a, **k: generated.append(len(prompts)) or
                         real_generate(net, prompts, *a, **k))
     queries_path = tmp_path / "queries.jsonl"
-    queries_path.write_text("".join(json.dumps(q) + "\n" for q in data.make_problems(3, "test")))
+    queries_path.write_text("".join(json.dumps(q) + "\n" for q in task.make_problems(3, "test")))
     out = tmp_path / "eval"
     common = ["--model=tiny", f"--data={queries_path}", f"--out={out}", "--samples=3", "--temperature=0.7",
               "--max_new_tokens=8", "--batch_size=5"]
@@ -282,9 +271,8 @@ def assert_close(a, b):
 
 
 def test_two_shards_merge_into_the_one_process_run(tiny_checkpoint, tmp_path):
-    import data
     queries_path = tmp_path / "queries.jsonl"
-    queries = data.make_problems(5, "test")
+    queries = task.make_problems(5, "test")
     queries_path.write_text("".join(json.dumps(q) + "\n" for q in queries))
     common = [f"--model={tiny_checkpoint}", f"--data={queries_path}", "--mode=all", "--max_new_tokens=12",
               "--batch_size=4"]

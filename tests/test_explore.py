@@ -2,14 +2,15 @@
 fields; a killed run resumed draws only what is missing and reproduces what an uninterrupted run draws;
 the code-opening probability against a naive computation; the per-mode summary on hand-built records."""
 import json
-import math
 
 import pytest
 import torch
 
-import data
 import explore
-import model as model_lib
+import jsonl
+import model
+import sampler
+import task
 
 K, N_QUERIES, MODES = 2, 6, ("code", "cot", "auto")
 TOTAL = N_QUERIES * len(MODES) * K
@@ -18,10 +19,10 @@ TOTAL = N_QUERIES * len(MODES) * K
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("explore")
-    net, tokenizer = model_lib.load("tiny", seed=0)
-    model_lib.save(net, tokenizer, str(root / "tiny"))
+    net, tokenizer = model.load("tiny", seed=0)
+    model.save(net, tokenizer, str(root / "tiny"))
     queries = root / "queries.jsonl"
-    queries.write_text("".join(json.dumps(q) + "\n" for q in data.make_problems(N_QUERIES, "train", seed=3)))
+    queries.write_text("".join(json.dumps(q) + "\n" for q in task.make_problems(N_QUERIES, "train", seed=3)))
     return root
 
 
@@ -45,14 +46,14 @@ def full_run(setup):
 def test_every_rollout_once_with_the_contract_fields(setup, full_run):
     records = read(full_run)
     assert len(records) == TOTAL and len({r["id"] for r in records}) == TOTAL
-    _, tokenizer = model_lib.load(str(setup / "tiny"))
-    queries = {q["id"]: q for q in data.read_queries(str(setup / "queries.jsonl"))}
+    _, tokenizer = model.load(str(setup / "tiny"))
+    queries = {q["id"]: q for q in jsonl.read_queries(str(setup / "queries.jsonl"))}
     for r in records:
         assert r["id"] == f"{r['query_id']}:{r['mode']}:{r['k']}"
         problem = queries[r["query_id"]]["problem"]
-        assert r["prompt"] == data.make_prompt(tokenizer, problem, r["mode"])
-        assert r["prompt_ids"] == data.encode_prompt(tokenizer, problem, r["mode"])
-        assert r["auto_prompt_ids"] == data.encode_prompt(tokenizer, problem, "auto")
+        assert r["prompt"] == task.make_prompt(tokenizer, problem, r["mode"])
+        assert r["prompt_ids"] == task.encode_prompt(tokenizer, problem, r["mode"])
+        assert r["auto_prompt_ids"] == task.encode_prompt(tokenizer, problem, "auto")
         assert len(r["response_ids"]) == len(r["sampled_mask"]) == len(r["behaviour_logprobs"]) <= 24
         assert r["gold"] == queries[r["query_id"]]["answer"] and r["family"] == queries[r["query_id"]]["family"]
         assert isinstance(r["correct"], bool) and r["calls"] == len(r["statuses"])
@@ -77,13 +78,13 @@ def test_resume_after_a_kill_draws_only_the_missing_rows_and_reproduces(setup, f
     # killed mid-write: 13 complete records (lines of different modes and queries), then half a line
     (out.parent / "rollouts.jsonl.partial").write_text("".join(lines[:13]) + lines[13][:40])
     drawn = []
-    real_generate = model_lib.generate
+    real_generate = sampler.generate
 
     def counting_generate(net, prompts, *args, **kwargs):
         drawn.extend(kwargs["seed"])
         return real_generate(net, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(explore.model_lib, "generate", counting_generate)
+    monkeypatch.setattr(explore, "generate", counting_generate)
     explore.main(explore_args(setup, out))
     assert len(drawn) == TOTAL - 13                            # nothing redrawn
     resumed = read(out)
@@ -127,7 +128,7 @@ def test_summary_per_mode_by_hand():
 
 def test_bad_arguments_are_refused(setup, tmp_path):
     with pytest.raises(SystemExit):
-        explore.parse_args(explore_args(setup, tmp_path / "x.jsonl", "--modes=code,native"))
+        explore.parse_args(explore_args(setup, tmp_path / "x.jsonl", "--modes=code,autonomous"))
     with pytest.raises(SystemExit):
         explore.parse_args(explore_args(setup, tmp_path / "x.jsonl", "--temperature=0"))
 
@@ -171,7 +172,7 @@ def two_shards(setup):
 
 
 def test_two_shards_merge_into_what_one_process_draws(setup, full_run, two_shards):
-    queries = [q["id"] for q in data.read_queries(str(setup / "queries.jsonl"))]
+    queries = [q["id"] for q in jsonl.read_queries(str(setup / "queries.jsonl"))]
     for i in range(2):      # split by query index: every query's rollouts in one shard
         assert {r["query_id"] for r in read(f"{two_shards}.shard{i}of2")} == set(queries[i::2])
     assert not two_shards.exists()

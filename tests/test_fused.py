@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import fused_logprobs
+from logprobs import fused_logprobs
 
 
 def naive(hidden, weight, targets, temperature=1.0):

@@ -208,7 +208,7 @@ def test_latex_to_sympy():
 
 
 def test_import_loads_no_torch_and_no_other_module_of_the_repo():
-    # the sympy worker and data.py import the grader alone: importing it must stay cheap
+    # the sympy worker and jsonl.py import the grader alone: importing it must stay cheap
     code = "import grade, sys; assert 'torch' not in sys.modules and 'evaluate' not in sys.modules"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=60)

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-import synthesize as S
+import synthesize
+import task
 
 AUTO_IDS = [7, 7, 7]                                 # the autonomous prompt of every query here
 GUIDED_IDS = {"code": [5, 5], "cot": [6, 6, 6, 6], "auto": AUTO_IDS}
@@ -27,68 +28,68 @@ def rollout(query_id, mode, k, correct, calls=0, family="mul", finish_reason="eo
 
 def query(query_id, code, cot, native_calls, family="mul", code_calls=1):
     """Rollouts of one query: code/cot are the correctness of the K guided rollouts of each mode,
-    native_calls the calls of the K native ones (all correct)."""
+    native_calls the calls of the K autonomous ones (all correct)."""
     return ([rollout(query_id, "code", k, c, calls=code_calls, family=family) for k, c in enumerate(code)]
             + [rollout(query_id, "cot", k, c, family=family) for k, c in enumerate(cot)]
             + [rollout(query_id, "auto", k, True, calls=n, family=family) for k, n in enumerate(native_calls)])
 
 
 def run(rollouts, strategy="em", form="argmax", alpha=10.0, code_cost=0.05, m=4, reflect=0, hint_ids=None):
-    return S.synthesize_query(rollouts, strategy, form, alpha, code_cost, "samples", 1.0, m, 1e-6,
+    return synthesize.synthesize_query(rollouts, strategy, form, alpha, code_cost, "samples", 1.0, m, 1e-6,
                               random.Random(0), reflect, hint_ids)
 
 
 # --------------------------------------------------------------------------- Q and π
 def test_q_is_mean_reward_minus_code_cost_per_call():
     pool = [rollout("q", "code", k, c, calls=n) for k, (c, n) in enumerate([(1, 1), (1, 1), (1, 2), (0, 1)])]
-    assert S.estimate_q(pool, 0.05) == pytest.approx((3 - 0.05 * 5) / 4)   # 0.6875
-    assert S.estimate_q(pool, 0.0) == pytest.approx(0.75)
+    assert synthesize.estimate_q(pool, 0.05) == pytest.approx((3 - 0.05 * 5) / 4)   # 0.6875
+    assert synthesize.estimate_q(pool, 0.0) == pytest.approx(0.75)
     cot_pool = [rollout("q", "cot", k, c) for k, c in enumerate([1, 0, 1, 1])]
-    assert S.estimate_q(cot_pool, 0.05) == pytest.approx(0.75)               # no call, no cost
+    assert synthesize.estimate_q(cot_pool, 0.05) == pytest.approx(0.75)               # no call, no cost
 
 
 def test_pi_is_smoothed_share_of_native_rollouts_that_ran_code():
     never = [rollout("q", "auto", k, 1, calls=0) for k in range(4)]
     always = [rollout("q", "auto", k, 1, calls=1) for k in range(4)]
     once = never[:3] + always[:1]
-    assert S.estimate_pi(never, 1.0)["code"] == pytest.approx(1 / 6)        # (0+1)/(4+2), never 0
-    assert S.estimate_pi(always, 1.0)["code"] == pytest.approx(5 / 6)
-    assert S.estimate_pi(once, 0.0) == pytest.approx({"code": 0.25, "cot": 0.75})
-    assert S.estimate_pi([], 1.0)["code"] == 0.5                              # no natives: the prior
+    assert synthesize.estimate_pi(never, 1.0)["code"] == pytest.approx(1 / 6)        # (0+1)/(4+2), never 0
+    assert synthesize.estimate_pi(always, 1.0)["code"] == pytest.approx(5 / 6)
+    assert synthesize.estimate_pi(once, 0.0) == pytest.approx({"code": 0.25, "cot": 0.75})
+    assert synthesize.estimate_pi([], 1.0)["code"] == 0.5                              # no autonomous rollouts: the prior
     with pytest.raises(ValueError):
-        S.estimate_pi([], 0.0)
+        synthesize.estimate_pi([], 0.0)
 
 
 # --------------------------------------------------------------------------- s* in its three forms
 def test_reference_strategy_three_forms_by_hand():
     pi = {"code": 1 / 6, "cot": 5 / 6}
     q = {"code": 0.95, "cot": 0.25}           # π·Q: code 0.158333, cot 0.208333
-    assert S.reference_strategy(pi, q, "posterior", 10)["code"] == pytest.approx(0.95 / 2.2)
-    assert S.reference_strategy(pi, q, "tempered", 10)["code"] == pytest.approx(1 / (1 + math.exp(0.5)))
-    assert S.reference_strategy(pi, q, "argmax", 10) == {"code": 0.0, "cot": 1.0}
+    assert synthesize.reference_strategy(pi, q, "posterior", 10)["code"] == pytest.approx(0.95 / 2.2)
+    assert synthesize.reference_strategy(pi, q, "tempered", 10)["code"] == pytest.approx(1 / (1 + math.exp(0.5)))
+    assert synthesize.reference_strategy(pi, q, "argmax", 10) == {"code": 0.0, "cot": 1.0}
     q = {"code": 0.95, "cot": 0.0}            # CoT never works: every form sends x to code
-    assert S.reference_strategy(pi, q, "posterior", 10)["code"] == 1.0
-    assert S.reference_strategy(pi, q, "tempered", 10)["code"] == pytest.approx(1 / (1 + math.exp(-0.95 * 10 / 6)))
-    assert S.reference_strategy(pi, q, "argmax", 10)["code"] == 1.0
-    for f in S.FORMS:
-        s = S.reference_strategy(pi, {"code": 0.4, "cot": 0.9}, f, 3.0)
+    assert synthesize.reference_strategy(pi, q, "posterior", 10)["code"] == 1.0
+    assert synthesize.reference_strategy(pi, q, "tempered", 10)["code"] == pytest.approx(1 / (1 + math.exp(-0.95 * 10 / 6)))
+    assert synthesize.reference_strategy(pi, q, "argmax", 10)["code"] == 1.0
+    for f in synthesize.FORMS:
+        s = synthesize.reference_strategy(pi, {"code": 0.4, "cot": 0.9}, f, 3.0)
         assert s["code"] + s["cot"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        S.reference_strategy(pi, q, "softmax", 10)
+        synthesize.reference_strategy(pi, q, "softmax", 10)
 
 
 def test_ties_prefer_cot_through_the_code_cost_and_never_a_coin_flip():
     pi = {"code": 0.5, "cot": 0.5}
     # Both methods always right, code pays 0.05 per call: Q(code) = 0.95 < Q(cot) = 1.
     q = {"code": 0.95, "cot": 1.0}
-    assert S.reference_strategy(pi, q, "posterior", 10)["code"] == pytest.approx(0.95 / 1.95)
-    assert S.reference_strategy(pi, q, "tempered", 10)["code"] == pytest.approx(1 / (1 + math.exp(0.25)))
-    assert S.reference_strategy(pi, q, "argmax", 10)["code"] == 0.0
+    assert synthesize.reference_strategy(pi, q, "posterior", 10)["code"] == pytest.approx(0.95 / 1.95)
+    assert synthesize.reference_strategy(pi, q, "tempered", 10)["code"] == pytest.approx(1 / (1 + math.exp(0.25)))
+    assert synthesize.reference_strategy(pi, q, "argmax", 10)["code"] == 0.0
     # An exact tie (no cost): the argmax still picks CoT, deterministically; the posterior is the posterior.
     q = {"code": 1.0, "cot": 1.0}
-    assert S.reference_strategy(pi, q, "argmax", 10)["code"] == 0.0
-    assert S.reference_strategy(pi, q, "posterior", 10)["code"] == 0.5
-    assert S.reference_strategy(pi, {"code": 0.0, "cot": 0.0}, "posterior", 10)["code"] == 0.0
+    assert synthesize.reference_strategy(pi, q, "argmax", 10)["code"] == 0.0
+    assert synthesize.reference_strategy(pi, q, "posterior", 10)["code"] == 0.5
+    assert synthesize.reference_strategy(pi, {"code": 0.0, "cot": 0.0}, "posterior", 10)["code"] == 0.0
     # Through a whole query: equal accuracy, equal propensity -> the argmax trains CoT only.
     res = run(query("q", [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]), form="argmax")
     assert {r["source_mode"] for r in res.records} == {"cot"}
@@ -96,11 +97,11 @@ def test_ties_prefer_cot_through_the_code_cost_and_never_a_coin_flip():
 
 # --------------------------------------------------------------------------- advantages and groups
 def test_whitened_advantages_by_hand():
-    assert S.whiten([1, 1, 0, 0], 0.0) == pytest.approx([1, 1, -1, -1])
+    assert synthesize.whiten([1, 1, 0, 0], 0.0) == pytest.approx([1, 1, -1, -1])
     std = math.sqrt(0.1875)
-    assert S.whiten([1, 0, 0, 0], 0.0) == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std])
-    assert S.whiten([1, 1, 1], 1e-6) == [0.0, 0.0, 0.0]
-    assert S.whiten([0, 0], 1e-6) == [0.0, 0.0]
+    assert synthesize.whiten([1, 0, 0, 0], 0.0) == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std])
+    assert synthesize.whiten([1, 1, 1], 1e-6) == [0.0, 0.0, 0.0]
+    assert synthesize.whiten([0, 0], 1e-6) == [0.0, 0.0]
 
 
 def test_mixed_group_on_a_hard_query():
@@ -113,7 +114,7 @@ def test_mixed_group_on_a_hard_query():
     assert by_id["q:code:3"]["advantage"] == pytest.approx(-0.75 / std, rel=1e-5)
     assert [by_id[f"q:code:{k}"]["sft"] for k in range(4)] == [True, True, True, False]
     assert res.s_star_code["argmax"] == 1.0 and res.pi_code == pytest.approx(1 / 6)
-    assert res.unguided_code == 0.0
+    assert res.autonomous_code == 0.0
 
 
 def test_all_correct_group_keeps_its_samples_for_the_likelihood_term():
@@ -125,8 +126,8 @@ def test_all_correct_group_keeps_its_samples_for_the_likelihood_term():
 def test_all_wrong_is_dropped_and_counted():
     res = run(query("q", [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]))
     assert res.group == "unsolved" and res.records == [] and res.s_star_code == {}
-    natives = [rollout("q", "auto", k, 0) for k in range(4)]
-    res = run(natives, strategy="rl")
+    rollouts = [rollout("q", "auto", k, 0) for k in range(4)]
+    res = run(rollouts, strategy="rl")
     assert res.group == "all_wrong" and res.records == []
 
 
@@ -171,13 +172,13 @@ def test_subsampling_follows_s_star_and_is_reproducible():
     pools = {"code": [rollout("q", "code", k, 1, calls=1) for k in range(4)],
              "cot": [rollout("q", "cot", k, 1) for k in range(4)]}
     rng = random.Random(1)
-    draws = [S.subsample(pools, {"code": 0.25, "cot": 0.75}, 4, rng) for _ in range(2000)]
+    draws = [synthesize.subsample(pools, {"code": 0.25, "cot": 0.75}, 4, rng) for _ in range(2000)]
     assert all(len(d) == 4 and len({r["id"] for r in d}) == 4 for d in draws)   # no duplicates
     code_share = sum(r["mode"] == "code" for d in draws for r in d) / 8000
     assert abs(code_share - 0.25) < 0.02                                        # E[n_code] = M·s*(code)
-    one = S.subsample(pools, {"code": 0.3, "cot": 0.7}, 4, random.Random("0:q"))
-    assert one == S.subsample(pools, {"code": 0.3, "cot": 0.7}, 4, random.Random("0:q"))
-    assert {r["mode"] for r in S.subsample(pools, {"code": 1.0, "cot": 0.0}, 4, rng)} == {"code"}
+    one = synthesize.subsample(pools, {"code": 0.3, "cot": 0.7}, 4, random.Random("0:q"))
+    assert one == synthesize.subsample(pools, {"code": 0.3, "cot": 0.7}, 4, random.Random("0:q"))
+    assert {r["mode"] for r in synthesize.subsample(pools, {"code": 1.0, "cot": 0.0}, 4, rng)} == {"code"}
 
 
 def test_self_reflective_example_masks_failed_attempt_and_hint():
@@ -204,20 +205,20 @@ def test_malformed_lines_are_named_with_file_and_line(tmp_path):
     good = json.dumps(rollout("q", "code", 0, 1, calls=1))
     path.write_text(good + "\n{not json\n")
     with pytest.raises(ValueError, match=f"{path}:2"):
-        S.read_rollouts(str(path))
+        synthesize.read_rollouts(str(path))
     bad = rollout("q", "cot", 0, 1)
     del bad["correct"]
     path.write_text(good + "\n\n" + json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=f"{path}:3: .*correct"):
-        S.read_rollouts(str(path))
+        synthesize.read_rollouts(str(path))
     bad = rollout("q", "cot", 0, 1)
     del bad["auto_prompt_ids"]
     path.write_text(json.dumps(bad) + "\n")
     with pytest.raises(ValueError, match=f"{path}:1: .*auto_prompt_ids"):
-        S.read_rollouts(str(path))
+        synthesize.read_rollouts(str(path))
     path.write_text(good + "\n" + good + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: duplicate"):
-        S.read_rollouts(str(path))
+        synthesize.read_rollouts(str(path))
 
 
 def test_stage_end_to_end_summary_by_family(tmp_path, capsys):
@@ -230,7 +231,7 @@ def test_stage_end_to_end_summary_by_family(tmp_path, capsys):
     path = tmp_path / "rollouts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     out = tmp_path / "train.jsonl"
-    S.main([f"--rollouts={path}", f"--out={out}", "--form=argmax"])
+    synthesize.main([f"--rollouts={path}", f"--out={out}", "--form=argmax"])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 24 and not (tmp_path / "train.jsonl.partial").exists()
     summary = json.loads((tmp_path / "train.jsonl.summary.json").read_text())
@@ -247,15 +248,15 @@ def test_stage_end_to_end_summary_by_family(tmp_path, capsys):
 
 
 def test_rl_stage_keeps_m_records_per_query_without_the_lambda_term(tmp_path, capsys):
-    # em.sh's RL-only: 3K = 12 native rollouts per query and no guided pools. M = 12 / 3 = 4 = EM's M = K, drawn
+    # em.sh's RL-only: 3K = 12 autonomous rollouts per query and no guided pools. M = 12 / 3 = 4 = EM's M = K, drawn
     # at random; the advantages are whitened over all 12.
     correct = {"q0": [1, 1, 1] + [0] * 9, "q1": [1] * 6 + [0] * 6, "all_ok": [1] * 12, "all_bad": [0] * 12}
     rollouts = [rollout(q, "auto", k, ok, calls=k % 2) for q, oks in correct.items() for k, ok in enumerate(oks)]
     for r in rollouts:
-        del r["auto_prompt_ids"]                       # native rollouts need none: their prompt is autonomous
+        del r["auto_prompt_ids"]                       # autonomous rollouts need none: their prompt is autonomous
     path = tmp_path / "rollouts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rollouts))
-    S.main([f"--rollouts={path}", f"--out={tmp_path / 'train.jsonl'}", "--strategy=rl"])
+    synthesize.main([f"--rollouts={path}", f"--out={tmp_path / 'train.jsonl'}", "--strategy=rl"])
     records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert sorted(r["query_id"] for r in records) == ["q0"] * 4 + ["q1"] * 4   # A = 0 everywhere: none kept
     assert not any(r["sft"] for r in records) and all(r["prompt_ids"] == AUTO_IDS for r in records)
@@ -272,31 +273,30 @@ def test_rl_stage_keeps_m_records_per_query_without_the_lambda_term(tmp_path, ca
     assert row["groups_all_correct"] == 1 and row["groups_all_wrong"] == 1
     assert row["strategy_code_share"]["argmax"] is None and row["unguided_code_share"] == 0.5
     assert "M=4 per query" in capsys.readouterr().out
-    S.main([f"--rollouts={path}", f"--out={tmp_path / 'six.jsonl'}", "--strategy=rl", "--samples_per_query=6"])
+    synthesize.main([f"--rollouts={path}", f"--out={tmp_path / 'six.jsonl'}", "--strategy=rl", "--samples_per_query=6"])
     assert len((tmp_path / "six.jsonl").read_text().splitlines()) == 12
 
 
 def test_default_m_is_k_for_both_strategies():
     def pools(n_code, n_cot):
         return {"code": [None] * n_code, "cot": [None] * n_cot}
-    assert S.default_m(pools(4, 4), [None] * 4) == 4       # EM: K + K + K
-    assert S.default_m(pools(0, 0), [None] * 12) == 4      # RL-only: 3K native
-    assert S.default_m(pools(0, 0), [None] * 2) == 1
+    assert synthesize.default_m(pools(4, 4), [None] * 4) == 4       # EM: K + K + K
+    assert synthesize.default_m(pools(0, 0), [None] * 12) == 4      # RL-only: 3K autonomous
+    assert synthesize.default_m(pools(0, 0), [None] * 2) == 1
 
 
 def test_reflect_stage_encodes_hints_with_the_models_tokenizer(tmp_path):
-    import model as model_lib
-    model_lib.tiny_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    task.tiny_tokenizer().save_pretrained(str(tmp_path / "tok"))
     rollouts = query("h", [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0])
     path = tmp_path / "rollouts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rollouts))
     out = tmp_path / "train.jsonl"
-    S.main([f"--rollouts={path}", f"--out={out}", "--reflect=2", f"--model={tmp_path / 'tok'}"])
+    synthesize.main([f"--rollouts={path}", f"--out={out}", "--reflect=2", f"--model={tmp_path / 'tok'}"])
     reflective = [json.loads(line) for line in out.read_text().splitlines() if '"reflect"' in line]
-    hint = S.encode_hints(str(tmp_path / "tok"), {"code": S.hint_to_code})["code"]
+    hint = synthesize.encode_hints(str(tmp_path / "tok"), {"code": synthesize.hint_to_code})["code"]
     assert len(reflective) == 2 and len(hint) > 10
     for r in reflective:
         i = r["trainable_mask"].index(1)                  # the first trained token: the retry's
         assert r["response_ids"][i - len(hint):i] == hint
     with pytest.raises(ValueError, match="hint"):         # a character the tiny vocabulary lacks
-        S.encode_hints(str(tmp_path / "tok"), {"code": "\nLet me use Python \u2192\n"})
+        synthesize.encode_hints(str(tmp_path / "tok"), {"code": "\nLet me use Python \u2192\n"})

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import train
-from data import encode_prompt, make_problems, teacher_solution, tokenize_response
-from model import generate, load, save, tool_injection
+from task import encode_prompt, make_problems, teacher_solution, tokenize_response
+from model import load, save
+from sampler import generate
+from task import tool_injection
 
 
 def test_m_step_loss_by_hand():

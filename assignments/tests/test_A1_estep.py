@@ -3,8 +3,7 @@ import math
 
 import pytest
 
-import synthesize as S
-
+import synthesize
 pytestmark = pytest.mark.A1
 
 
@@ -26,39 +25,39 @@ def approx(x, tol=1e-9):
 def test_q_is_the_mean_reward_minus_the_cost_of_each_call():
     """estimate_q: mean over the pool of (correct - code_cost * calls)"""
     code = pool("code", [(True, 1), (True, 1), (True, 2), (False, 1)])
-    got = S.estimate_q(code, 0.05)
+    got = synthesize.estimate_q(code, 0.05)
     assert got == approx((3 - 0.05 * 5) / 4), (
         f"4 code rollouts, 3 correct, 5 calls in all, code_cost 0.05: Q = (3 - 0.25)/4 = 0.6875, got {got}")
-    got = S.estimate_q(code, 0.0)
+    got = synthesize.estimate_q(code, 0.0)
     assert got == approx(0.75), f"the same pool at code_cost 0: Q is the plain success rate 0.75, got {got}"
 
 
 def test_q_charges_per_call_not_per_rollout():
     """estimate_q: the cost is per execution (3 calls cost 3 times as much as 1)"""
-    got = S.estimate_q(pool("code", [(True, 3)]), 0.05)
+    got = synthesize.estimate_q(pool("code", [(True, 3)]), 0.05)
     assert got == approx(0.85), f"one correct rollout that ran 3 code blocks, cost 0.05: 1 - 0.15 = 0.85, got {got}"
-    got = S.estimate_q(pool("code", [(True, 3), (True, 0)]), 0.1)
+    got = synthesize.estimate_q(pool("code", [(True, 3), (True, 0)]), 0.1)
     assert got == approx((0.7 + 1.0) / 2), f"costs 0.3 and 0 on two correct rollouts: Q = 0.85, got {got}"
 
 
 def test_q_of_cot_pays_nothing_and_wrong_answers_score_zero():
     """estimate_q: a CoT pool (no calls) is its success rate; a wrong rollout scores 0 minus its cost"""
-    got = S.estimate_q(pool("cot", [(True, 0), (False, 0), (True, 0), (True, 0)]), 0.05)
+    got = synthesize.estimate_q(pool("cot", [(True, 0), (False, 0), (True, 0), (True, 0)]), 0.05)
     assert got == approx(0.75), f"CoT 3 of 4 right, no calls: 0.75, got {got}"
-    got = S.estimate_q(pool("code", [(False, 3)]), 0.1)
+    got = synthesize.estimate_q(pool("code", [(False, 3)]), 0.1)
     assert got == approx(-0.3), (f"one wrong rollout with 3 calls at cost 0.1 scores 0 - 0.3 = -0.3 (Q is not "
                                  f"clipped at 0: reference_strategy handles negative Q), got {got}")
 
 
 def test_q_accepts_int_correctness_and_returns_a_float():
     """estimate_q: correct may be 0/1 or a bool; Q is a float"""
-    got = S.estimate_q(pool("cot", [(1, 0), (0, 0)]), 0.05)
+    got = synthesize.estimate_q(pool("cot", [(1, 0), (0, 0)]), 0.05)
     assert isinstance(got, float) and got == approx(0.5), f"rewards 1, 0 as ints: 0.5 (a float), got {got!r}"
 
 
 def test_q_of_an_empty_pool_is_zero():
     """estimate_q: no rollouts of a method (e.g. an explore run without that mode) -> Q = 0.0, no error"""
-    got = S.estimate_q([], 0.05)
+    got = synthesize.estimate_q([], 0.05)
     assert got == 0.0, f"an empty pool has no evidence for the method: Q = 0.0, got {got!r}"
 
 
@@ -67,57 +66,57 @@ def test_pi_is_laplace_smoothed():
     """estimate_pi: (n_code + a) / (K + 2a), never 0 or 1 with a > 0"""
     never = pool("auto", [(True, 0)] * 4)
     always = pool("auto", [(True, 1)] * 4)
-    got = S.estimate_pi(never, 1.0)
-    assert got["code"] == approx(1 / 6), f"0 of 4 native rollouts coded, prior 1: (0+1)/(4+2) = 1/6, got {got}"
+    got = synthesize.estimate_pi(never, 1.0)
+    assert got["code"] == approx(1 / 6), f"0 of 4 autonomous rollouts coded, prior 1: (0+1)/(4+2) = 1/6, got {got}"
     assert got["cot"] == approx(5 / 6), f"π(cot) = 1 - π(code) = 5/6, got {got}"
-    got = S.estimate_pi(always, 1.0)
+    got = synthesize.estimate_pi(always, 1.0)
     assert got["code"] == approx(5 / 6), f"4 of 4 coded, prior 1: 5/6, got {got}"
-    got = S.estimate_pi(pool("auto", [(True, 1)] * 3 + [(True, 0)] * 5), 1.0)
+    got = synthesize.estimate_pi(pool("auto", [(True, 1)] * 3 + [(True, 0)] * 5), 1.0)
     assert got["code"] == approx(0.4), f"3 of 8 coded, prior 1: (3+1)/(8+2) = 0.4, got {got}"
 
 
 def test_pi_prior_is_a_pseudo_count_per_method():
     """estimate_pi: the prior a is added to each method's count, 2a to the total"""
     one_of_four = pool("auto", [(True, 1)] + [(False, 0)] * 3)
-    got = S.estimate_pi(one_of_four, 0.5)
+    got = synthesize.estimate_pi(one_of_four, 0.5)
     assert got["code"] == approx(1.5 / 5), f"1 of 4 coded, prior 0.5: (1+0.5)/(4+1) = 0.3, got {got}"
-    got = S.estimate_pi(one_of_four, 0.0)
+    got = synthesize.estimate_pi(one_of_four, 0.0)
     assert got == {"code": approx(0.25), "cot": approx(0.75)}, f"prior 0: the raw share 1/4, got {got}"
-    got = S.estimate_pi(one_of_four, 2.0)
+    got = synthesize.estimate_pi(one_of_four, 2.0)
     assert got["code"] == approx(3 / 8), f"1 of 4 coded, prior 2: (1+2)/(4+4) = 0.375, got {got}"
 
 
 def test_pi_counts_rollouts_that_ran_code_not_calls_nor_correctness():
-    """estimate_pi: a native rollout is 'code' when it ran >= 1 block, whatever its correctness"""
-    natives = pool("auto", [(True, 3), (False, 1), (False, 0), (True, 0)])
-    got = S.estimate_pi(natives, 1.0)
+    """estimate_pi: a autonomous rollout is 'code' when it ran >= 1 block, whatever its correctness"""
+    autonomous = pool("auto", [(True, 3), (False, 1), (False, 0), (True, 0)])
+    got = synthesize.estimate_pi(autonomous, 1.0)
     assert got["code"] == approx(3 / 6), (
         f"calls 3, 1, 0, 0 (one of them wrong): 2 rollouts coded, (2+1)/(4+2) = 0.5 — count rollouts with "
         f"calls > 0, not calls, and not only correct ones; got {got}")
 
 
 def test_pi_without_native_rollouts():
-    """estimate_pi: no native rollouts -> the prior alone (0.5), or ValueError when the prior is 0"""
-    got = S.estimate_pi([], 1.0)
-    assert got["code"] == approx(0.5) and got["cot"] == approx(0.5), f"no natives, prior 1: 1/2, got {got}"
+    """estimate_pi: no autonomous rollouts -> the prior alone (0.5), or ValueError when the prior is 0"""
+    got = synthesize.estimate_pi([], 1.0)
+    assert got["code"] == approx(0.5) and got["cot"] == approx(0.5), f"no autonomous rollouts, prior 1: 1/2, got {got}"
     with pytest.raises(ValueError):
-        S.estimate_pi([], 0.0)
+        synthesize.estimate_pi([], 0.0)
     with pytest.raises(ValueError):
-        S.estimate_pi([], -1.0)
-    got = S.estimate_pi([], 0.25)
-    assert got["code"] == approx(0.5), f"no natives, prior 0.25: (0 + 0.25) / (0 + 0.5) = 1/2, got {got}"
+        synthesize.estimate_pi([], -1.0)
+    got = synthesize.estimate_pi([], 0.25)
+    assert got["code"] == approx(0.5), f"no autonomous rollouts, prior 0.25: (0 + 0.25) / (0 + 0.5) = 1/2, got {got}"
 
 
 def test_pi_is_a_distribution_over_both_methods():
     """estimate_pi: returns {"code": p, "cot": 1 - p}"""
-    got = S.estimate_pi(pool("auto", [(True, 1), (True, 0), (True, 0)]), 1.0)
+    got = synthesize.estimate_pi(pool("auto", [(True, 1), (True, 0), (True, 0)]), 1.0)
     assert set(got) == {"code", "cot"}, f"keys must be exactly code and cot, got {sorted(got)}"
     assert got["code"] + got["cot"] == approx(1.0) and got["code"] == approx(2 / 5), got
 
 
 # --------------------------------------------------------------------------- s*(c | x)
 def s(pi_code, q_code, q_cot, form, alpha=10.0):
-    return S.reference_strategy({"code": pi_code, "cot": 1 - pi_code}, {"code": q_code, "cot": q_cot}, form, alpha)
+    return synthesize.reference_strategy({"code": pi_code, "cot": 1 - pi_code}, {"code": q_code, "cot": q_cot}, form, alpha)
 
 
 def test_posterior_is_proportional_to_pi_times_q():
@@ -212,7 +211,7 @@ def test_argmax_ties_go_to_cot():
     assert got == {"code": 0.0, "cot": 1.0}, f"π·Q = 0.4 = 0.4: a tie is CoT, got {got}"
     got = s(0.5, 0.0, 0.0, "argmax")
     assert got == {"code": 0.0, "cot": 1.0}, f"nothing works (0 = 0): CoT, got {got}"
-    got = S.reference_strategy({"code": 0.25, "cot": 0.75}, {"code": 0.75, "cot": 0.25}, "argmax", 10.0)
+    got = synthesize.reference_strategy({"code": 0.25, "cot": 0.75}, {"code": 0.75, "cot": 0.25}, "argmax", 10.0)
     assert got == {"code": 0.0, "cot": 1.0}, f"0.25·0.75 = 0.75·0.25: a tie, CoT; got {got}"
     got = s(0.5, 0.95, 1.0, "argmax")
     assert got == {"code": 0.0, "cot": 1.0}, "both always right, code pays its cost (0.95 < 1): CoT"
@@ -221,7 +220,7 @@ def test_argmax_ties_go_to_cot():
 def test_every_form_is_a_distribution():
     """reference_strategy: {"code": p, "cot": 1 - p} for every form"""
     for form in ("posterior", "tempered", "argmax"):
-        got = S.reference_strategy({"code": 0.4, "cot": 0.6}, {"code": 0.4, "cot": 0.9}, form, 3.0)
+        got = synthesize.reference_strategy({"code": 0.4, "cot": 0.6}, {"code": 0.4, "cot": 0.9}, form, 3.0)
         assert set(got) == {"code", "cot"}, f"{form}: keys {sorted(got)}"
         assert got["code"] + got["cot"] == approx(1.0), f"{form}: {got} does not sum to 1"
         assert 0.0 <= got["code"] <= 1.0, f"{form}: {got}"

@@ -4,8 +4,7 @@ import random
 
 import pytest
 
-import synthesize as S
-
+import synthesize
 pytestmark = pytest.mark.A2
 
 
@@ -48,7 +47,7 @@ class ScriptedRandom:
 def test_subsample_counts_code_draws_with_one_uniform_per_rollout():
     """subsample: n_code = #{i < M : rng.random() < s*(code)}, then n_code from the code pool, M - n_code from CoT"""
     rng = ScriptedRandom([0.1, 0.9, 0.3, 0.5])
-    got = S.subsample(pools(), {"code": 0.4, "cot": 0.6}, 4, rng)
+    got = synthesize.subsample(pools(), {"code": 0.4, "cot": 0.6}, 4, rng)
     assert [e for e in rng.log if e[0] == "random"] == [("random",)] * 4, \
         "M = 4 training rollouts: rng.random() exactly 4 times, one per rollout"
     samples = [e for e in rng.log if e[0] == "sample" and e[2] > 0]
@@ -62,7 +61,7 @@ def test_subsample_counts_code_draws_with_one_uniform_per_rollout():
 def test_subsample_uses_a_strict_less_than():
     """subsample: a uniform equal to s*(code) is a CoT draw (u < s*, not <=)"""
     rng = ScriptedRandom([0.25, 0.25, 0.0, 0.99])
-    got = S.subsample(pools(), {"code": 0.25, "cot": 0.75}, 4, rng)
+    got = synthesize.subsample(pools(), {"code": 0.25, "cot": 0.75}, 4, rng)
     assert ids(got) == ["q:code:0", "q:cot:0", "q:cot:1", "q:cot:2"], (
         f"draws 0.25, 0.25, 0.0, 0.99 against s*(code) = 0.25: only 0.0 is < 0.25, so 1 code and 3 CoT; got "
         f"{ids(got)}")
@@ -71,10 +70,10 @@ def test_subsample_uses_a_strict_less_than():
 def test_subsample_all_to_one_method():
     """subsample: s*(code) = 1 draws only code, s*(code) = 0 only CoT (still one uniform per rollout)"""
     rng = ScriptedRandom([0.99, 0.5, 0.0])
-    got = S.subsample(pools(), {"code": 1.0, "cot": 0.0}, 3, rng)
+    got = synthesize.subsample(pools(), {"code": 1.0, "cot": 0.0}, 3, rng)
     assert ids(got) == ["q:code:0", "q:code:1", "q:code:2"], got
     rng = ScriptedRandom([0.0, 0.5, 0.7])
-    got = S.subsample(pools(), {"code": 0.0, "cot": 1.0}, 3, rng)
+    got = synthesize.subsample(pools(), {"code": 0.0, "cot": 1.0}, 3, rng)
     assert ids(got) == ["q:cot:0", "q:cot:1", "q:cot:2"], got
     assert len([e for e in rng.log if e[0] == "random"]) == 3, \
         "even when s* is 0 or 1, draw the M uniforms: the generator must end in the same state"
@@ -83,18 +82,18 @@ def test_subsample_all_to_one_method():
 def test_subsample_never_asks_a_pool_for_more_than_it_has():
     """subsample: a pool shorter than its count gives what it has (sampling is without replacement)"""
     rng = ScriptedRandom([0.0, 0.0, 0.0, 0.9])
-    got = S.subsample(pools(n_code=2, n_cot=4), {"code": 0.5, "cot": 0.5}, 4, rng)
+    got = synthesize.subsample(pools(n_code=2, n_cot=4), {"code": 0.5, "cot": 0.5}, 4, rng)
     code_calls = [e for e in rng.log if e[0] == "sample" and e[1] and e[1][0].startswith("q:code")]
     assert code_calls and code_calls[0][2] == 2, f"3 code draws but a pool of 2: rng.sample(code pool, 2); {code_calls}"
     assert ids(got) == ["q:code:0", "q:code:1", "q:cot:0"], got
     rng = ScriptedRandom([0.9])
-    got = S.subsample({"code": [r("code", 0)], "cot": []}, {"code": 0.5, "cot": 0.5}, 1, rng)
+    got = synthesize.subsample({"code": [r("code", 0)], "cot": []}, {"code": 0.5, "cot": 0.5}, 1, rng)
     assert got == [], f"one CoT draw from an empty CoT pool: nothing, no error; got {ids(got)}"
 
 
 def test_subsample_zero_draws():
     """subsample: M = 0 gives no rollouts"""
-    assert S.subsample(pools(), {"code": 0.5, "cot": 0.5}, 0, ScriptedRandom([])) == []
+    assert synthesize.subsample(pools(), {"code": 0.5, "cot": 0.5}, 0, ScriptedRandom([])) == []
 
 
 def test_subsample_with_a_real_generator_matches_the_reference_draws():
@@ -110,7 +109,7 @@ def test_subsample_with_a_real_generator_matches_the_reference_draws():
     }
     for (seed, code, m), (draws, after) in expected.items():
         rng = random.Random(seed)
-        got = S.subsample(pools(), {"code": code, "cot": 1 - code}, m, rng)
+        got = synthesize.subsample(pools(), {"code": code, "cot": 1 - code}, m, rng)
         assert ids(got) == draws, (f"random.Random({seed!r}), s*(code) = {code}, M = {m}: expected {draws}, got "
                                    f"{ids(got)} (M calls of rng.random(), then rng.sample(code pool, n_code), then "
                                    f"rng.sample(CoT pool, M - n_code))")
@@ -121,7 +120,7 @@ def test_subsample_does_not_touch_the_pools():
     """subsample: the pools are read, not changed"""
     p = pools()
     before = {c: ids(v) for c, v in p.items()}
-    S.subsample(p, {"code": 0.5, "cot": 0.5}, 4, random.Random(0))
+    synthesize.subsample(p, {"code": 0.5, "cot": 0.5}, 4, random.Random(0))
     assert {c: ids(v) for c, v in p.items()} == before
 
 
@@ -132,7 +131,7 @@ def approx_list(values, tol=1e-6):
 
 def test_whiten_one_correct_of_four():
     """whiten: A_i = (r_i - mean) / (std + eps), std the population std"""
-    got = S.whiten([1.0, 0.0, 0.0, 0.0], 1e-6)
+    got = synthesize.whiten([1.0, 0.0, 0.0, 0.0], 1e-6)
     std = math.sqrt(0.1875)
     expected = [0.75 / (std + 1e-6)] + [-0.25 / (std + 1e-6)] * 3
     assert got == approx_list(expected), f"rewards 1,0,0,0: mean 0.25, std 0.433: {expected}, got {got}"
@@ -140,24 +139,24 @@ def test_whiten_one_correct_of_four():
 
 def test_whiten_uses_the_population_std():
     """whiten: divide by n, not n - 1"""
-    got = S.whiten([1.0, 0.0, 0.0], 0.0)
+    got = synthesize.whiten([1.0, 0.0, 0.0], 0.0)
     mean, std = 1 / 3, math.sqrt(2 / 9)
     expected = [(1 - mean) / std, -mean / std, -mean / std]
     assert got == approx_list(expected), (f"rewards 1,0,0: population std sqrt(2/9) = 0.4714, A = {expected} "
                                           f"(with the sample std you would get 1.1547 first); got {got}")
-    assert S.whiten([1.0, 1.0, 0.0, 0.0], 0.0) == approx_list([1.0, 1.0, -1.0, -1.0])
+    assert synthesize.whiten([1.0, 1.0, 0.0, 0.0], 0.0) == approx_list([1.0, 1.0, -1.0, -1.0])
 
 
 def test_whiten_adds_eps_to_the_std():
     """whiten: eps is added to the std (not to the variance, not to the numerator)"""
-    got = S.whiten([1.0, 0.0], 1.0)
+    got = synthesize.whiten([1.0, 0.0], 1.0)
     assert got == approx_list([0.5 / 1.5, -0.5 / 1.5]), (
         f"rewards 1,0 with eps = 1: std 0.5, A = ±0.5/(0.5 + 1) = ±1/3; got {got}")
 
 
 def test_whiten_real_valued_rewards():
     """whiten: rewards need not be 0/1"""
-    got = S.whiten([0.5, 1.0, 0.0, 0.25], 1e-6)
+    got = synthesize.whiten([0.5, 1.0, 0.0, 0.25], 1e-6)
     expected = [0.16903039380408252, 1.5212735442367427, -1.1832127566285777, -0.5070911814122475]
     assert got == approx_list(expected), f"rewards 0.5, 1, 0, 0.25: {expected}, got {got}"
 
@@ -165,12 +164,12 @@ def test_whiten_real_valued_rewards():
 def test_whiten_zero_variance_groups_get_zero_advantage():
     """whiten: every reward equal -> every A = 0 (nothing to compare; eps keeps 0/0 away)"""
     for rewards in ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0], [0.7] * 3, [1.0]):
-        got = S.whiten(rewards, 1e-6)
+        got = synthesize.whiten(rewards, 1e-6)
         assert got == approx_list([0.0] * len(rewards)), f"rewards {rewards}: all advantages 0, got {got}"
-    got = S.whiten([1.0, 1.0, 1.0], 1e-6)
+    got = synthesize.whiten([1.0, 1.0, 1.0], 1e-6)
     assert all(a == 0.0 for a in got), f"rewards 1, 1, 1: exactly 0 (r - mean is 0), got {got}"
     for rewards in ([1.0, 1.0, 1.0], [0.7, 0.7, 0.7]):
-        got = S.whiten(rewards, 0.0)
+        got = synthesize.whiten(rewards, 0.0)
         assert got == [0.0] * 3, (f"eps = 0 (--adv_eps=0): rewards {rewards} are all equal, so all 0, not 0 / 0 (nor "
                                   f"float noise over float noise: the std of [0.7] * 3 computes as 1e-16); got {got}")
 
@@ -178,8 +177,8 @@ def test_whiten_zero_variance_groups_get_zero_advantage():
 def test_whiten_keeps_order_and_length_and_centres():
     """whiten: one advantage per reward, in order, summing to 0"""
     rewards = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
-    got = S.whiten(rewards, 1e-6)
+    got = synthesize.whiten(rewards, 1e-6)
     assert len(got) == len(rewards) and all(isinstance(a, float) for a in got), got
     assert sum(got) == pytest.approx(0.0, abs=1e-9), f"advantages must sum to 0, got {sum(got)}"
     assert all((a > 0) == (x == 1.0) for a, x in zip(got, rewards)), f"positive exactly where r = 1, got {got}"
-    assert S.whiten([3.0, 1.0], 0.0) == approx_list([1.0, -1.0])
+    assert synthesize.whiten([3.0, 1.0], 0.0) == approx_list([1.0, -1.0])

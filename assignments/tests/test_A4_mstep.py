@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import model as M
+import model
 import train
 from common import FIXTURES
 
@@ -250,7 +250,7 @@ def test_matches_the_reference_on_300_tokens(name):
 # --------------------------------------------------------------------------- token_logprobs
 def naive_fused_logprobs(hidden, weight, targets, chunk_size=2048, temperature=1.0, return_entropy=False,
                          vocab_tile=None):
-    """What model.fused_logprobs computes, the plain way (it stands in for the kernel so A5 is not needed)."""
+    """What logprobs.fused_logprobs computes, the plain way (it stands in for the kernel so A5 is not needed)."""
     logp = torch.log_softmax((hidden @ weight.T).float() / temperature, -1)
     values = logp.gather(1, targets[:, None].long())[:, 0]
     if return_entropy:
@@ -272,10 +272,10 @@ def kernel_calls(monkeypatch):
 
 def small_model(seed=0, vocab=40):
     torch.manual_seed(seed)
-    net = M.Transformer(M.Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    net = model.Transformer(model.Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
                                  tie_word_embeddings=False))
-    M.init_weights(net, std=0.2)
+    model.init_weights(net, std=0.2)
     return net
 
 

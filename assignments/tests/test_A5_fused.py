@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import FusedLogprobs, fused_logprobs
+from logprobs import FusedLogprobs, fused_logprobs
 
 pytestmark = pytest.mark.A5
 

@@ -5,8 +5,8 @@ with junk: a step that reads past its own position, or writes somewhere else, sh
 import pytest
 import torch
 
-import model as M
-
+import model
+import sampler
 pytestmark = pytest.mark.A6
 
 CONFIGS = {
@@ -21,10 +21,10 @@ CONFIGS = {
 
 def make_model(name, seed=0, vocab=50):
     torch.manual_seed(seed)
-    config = M.Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, intermediate_size=40,
+    config = model.Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, intermediate_size=40,
                       max_position_embeddings=64, tie_word_embeddings=False, **CONFIGS[name])
-    net = M.Transformer(config)
-    M.init_weights(net, std=0.15)
+    net = model.Transformer(config)
+    model.init_weights(net, std=0.15)
     return net.eval()
 
 
@@ -35,7 +35,7 @@ def prompts(seed=1, lengths=(5, 1, 9, 3), vocab=50):
 
 def prefilled(net, seqs, capacity, seed=2):
     """A KVCache of len(seqs) slots and `capacity` positions holding each prompt's keys and values, junk after."""
-    cache = M.KVCache(net.config, len(seqs), capacity, torch.float32, "cpu")
+    cache = sampler.KVCache(net.config, len(seqs), capacity, torch.float32, "cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         net.prefill(seqs, (cache.k, cache.v))
@@ -154,10 +154,10 @@ def test_a_cache_that_grew_between_steps():
 def test_positions_past_the_rotary_table_built_so_far():
     """step: the rotary table must cover the cache's capacity (the model builds at most 4,096 positions up front)"""
     torch.manual_seed(6)
-    config = M.Config(vocab_size=50, hidden_size=16, num_hidden_layers=1, intermediate_size=24,
+    config = model.Config(vocab_size=50, hidden_size=16, num_hidden_layers=1, intermediate_size=24,
                       max_position_embeddings=8192, num_attention_heads=2, num_key_value_heads=2)
-    net = M.Transformer(config)
-    M.init_weights(net, std=0.15)
+    net = model.Transformer(config)
+    model.init_weights(net, std=0.15)
     net.eval()
     g = torch.Generator().manual_seed(7)
     seq = torch.randint(2, 50, (4100,), generator=g).tolist()
@@ -170,7 +170,7 @@ def test_step_makes_every_tensor_on_the_models_device():
     """step: everything it builds is on the model's device and comes from tensors, never from host data (a GPU's
     CUDA graph holds the step). Run on PyTorch's "meta" device: shapes, no data, and no .item() / .tolist()"""
     net = make_model("gqa").to("meta")
-    cache = M.KVCache(net.config, 3, 16, torch.float32, "meta")
+    cache = sampler.KVCache(net.config, 3, 16, torch.float32, "meta")
     with torch.no_grad():
         hidden = net.step(torch.zeros(2, 1, dtype=torch.long, device="meta"), (cache.k, cache.v),
                           torch.tensor([4, 7], device="meta"))
@@ -181,7 +181,7 @@ def test_a_bf16_model_steps_in_bf16():
     """step: a bf16 model with a bf16 cache (explore.py's default on a GPU) steps in bf16, close to its full forward"""
     net = make_model("gqa").bfloat16()
     seqs = prompts(lengths=(4, 7))
-    cache = M.KVCache(net.config, len(seqs), 16, torch.bfloat16, "cpu")
+    cache = sampler.KVCache(net.config, len(seqs), 16, torch.bfloat16, "cpu")
     with torch.no_grad():
         net.prefill(seqs, (cache.k, cache.v))
         hidden = net.step(torch.tensor([[20], [21]]), (cache.k, cache.v), torch.tensor([4, 7]))
@@ -197,7 +197,7 @@ def test_greedy_decoding_with_the_cache_equals_decoding_without():
     net = make_model("gqa", seed=4)
     seqs = prompts(seed=5, lengths=(2, 6, 4))
     cache = prefilled(net, seqs, capacity=32)
-    reference = M.generate_reference(net, seqs, 20, temperature=0)
+    reference = sampler.generate_reference(net, seqs, 20, temperature=0)
     with torch.no_grad():
         last = torch.stack([full_hidden(net, s) for s in seqs])
     generated = [[] for _ in seqs]

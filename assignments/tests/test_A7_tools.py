@@ -7,11 +7,12 @@ import time
 import pytest
 import torch
 
-import model as M
-
+import model
+import sampler
+import task
 pytestmark = pytest.mark.A7
 
-TRIGGER = M.TOOL_TRIGGER
+TRIGGER = task.TOOL_TRIGGER
 CALL = "```python\nprint(6*7)\n```\n" + TRIGGER
 
 
@@ -70,7 +71,7 @@ class SentencePieceLikeTokenizer(PrefixSpaceTokenizer):
 
 
 def rules(tokenizer, max_new_tokens=500, context=1000, stop=(), tool=True, max_calls=2, eos=(0,)):
-    return M._Rules(eos=set(eos), max_new_tokens=max_new_tokens, context=context, tokenizer=tokenizer,
+    return sampler._Rules(eos=set(eos), max_new_tokens=max_new_tokens, context=context, tokenizer=tokenizer,
                     stop_strings=list(stop), has_tool=tool, max_calls=max_calls)
 
 
@@ -83,7 +84,7 @@ def feed(row, tokenizer, text, r, sampled=True, logprob=-0.5):
 def test_sampled_and_injected_tokens_are_recorded():
     """add_token: a sampled token keeps its log-prob and mask 1; an injected one gets mask 0 and log-prob 0.0"""
     tok = CharTokenizer()
-    row, r = M._Row(prompt_length=3, seed=1), rules(tok)
+    row, r = sampler._Row(prompt_length=3, seed=1), rules(tok)
     assert row.add_token(40, True, -0.5, r) is False, "an ordinary token: add_token returns False (no tool call)"
     assert row.add_token(41, False, -0.7, r) is False
     assert row.tokens == [40, 41] and row.sampled_mask == [1, 0], (row.tokens, row.sampled_mask)
@@ -94,7 +95,7 @@ def test_sampled_and_injected_tokens_are_recorded():
 def test_eos_ends_the_row_only_when_sampled():
     """add_token: a sampled EOS ends the row ("eos"); an injected token with the EOS id does not"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok)
+    row, r = sampler._Row(3, 1), rules(tok)
     row.add_token(0, False, 0.0, r)
     assert row.finish_reason is None, "tool output may contain anything: injected tokens never end a row at EOS"
     row.add_token(0, True, -0.1, r)
@@ -104,17 +105,17 @@ def test_eos_ends_the_row_only_when_sampled():
 def test_length_limits():
     """add_token: "length" once max_new_tokens tokens are in, or prompt + tokens reach the context"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok, max_new_tokens=3)
+    row, r = sampler._Row(3, 1), rules(tok, max_new_tokens=3)
     feed(row, tok, "ab", r)
     assert row.finish_reason is None, "2 of 3 new tokens: not finished"
     feed(row, tok, "c", r)
     assert row.finish_reason == "length", f"3 of max_new_tokens = 3: 'length', got {row.finish_reason!r}"
-    row, r = M._Row(5, 1), rules(tok, context=8)
+    row, r = sampler._Row(5, 1), rules(tok, context=8)
     feed(row, tok, "ab", r)
     assert row.finish_reason is None
     feed(row, tok, "c", r)
     assert row.finish_reason == "length", "prompt 5 + 3 tokens = the context of 8: 'length'"
-    row, r = M._Row(3, 1), rules(tok, max_new_tokens=3)
+    row, r = sampler._Row(3, 1), rules(tok, max_new_tokens=3)
     feed(row, tok, "ab", r, sampled=False)
     feed(row, tok, "c", r, sampled=False)
     assert row.finish_reason == "length", "injected tokens count toward max_new_tokens too"
@@ -123,7 +124,7 @@ def test_length_limits():
 def test_eos_wins_over_length():
     """add_token: a sampled EOS as the last allowed token is "eos", not "length\""""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok, max_new_tokens=2)
+    row, r = sampler._Row(3, 1), rules(tok, max_new_tokens=2)
     feed(row, tok, "a", r)
     row.add_token(0, True, -0.1, r)
     assert row.finish_reason == "eos", f"got {row.finish_reason!r}"
@@ -132,19 +133,19 @@ def test_eos_wins_over_length():
 def test_stop_strings():
     """add_token: the row stops when its sampled text ends with a stop string (over several tokens too)"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok, stop=["\\boxed{42}"], tool=False)
+    row, r = sampler._Row(3, 1), rules(tok, stop=["\\boxed{42}"], tool=False)
     feed(row, tok, "so \\boxed{42", r)
     assert row.finish_reason is None
     feed(row, tok, "}", r)
     assert row.finish_reason == "stop", f"text ends with the stop string: 'stop', got {row.finish_reason!r}"
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     feed(row, tok, "so \\boxed{4", r)
     feed(row, tok, "2}", r, sampled=False)
     assert row.finish_reason is None, "a stop string completed by injected tokens does not stop the row"
     feed(row, tok, "x", r)
     assert row.finish_reason is None, ("the text holds the stop string (injected) but does not END with it: the row "
                                        "goes on")
-    row, r = M._Row(3, 1), rules(tok, stop=["\n\n"], tool=False)
+    row, r = sampler._Row(3, 1), rules(tok, stop=["\n\n"], tool=False)
     feed(row, tok, "step 1\n\n", r)
     assert row.finish_reason == "stop", (f"a stop string of whitespace ('\\n\\n') stops the row too: compare the tail "
                                          f"as it is, not stripped; got {row.finish_reason!r}")
@@ -154,13 +155,13 @@ def test_stop_strings_over_multibyte_characters():
     """add_token: with one token per byte, a stop string of one character (three bytes) still stops the row: the tail
     must be decoded from enough tokens to hold it (TAIL_EXTRA_TOKENS more than its characters)"""
     tok = ByteTokenizer()
-    row, r = M._Row(3, 1), rules(tok, stop=["∎"], tool=False)
+    row, r = sampler._Row(3, 1), rules(tok, stop=["∎"], tool=False)
     feed(row, tok, "so 42 ", r)
     assert row.finish_reason is None
     feed(row, tok, "∎", r)
     assert row.finish_reason == "stop", (f"the text ends with '∎' (3 tokens for 1 character): 'stop', got "
                                          f"{row.finish_reason!r}")
-    row, r = M._Row(3, 1), rules(tok, stop=["∎∎∎∎"], tool=False)
+    row, r = sampler._Row(3, 1), rules(tok, stop=["∎∎∎∎"], tool=False)
     feed(row, tok, "so ∎∎∎∎", r)
     assert row.finish_reason == "stop", (f"a stop string of 4 characters is 12 byte tokens: decode the last "
                                          f"tail_chars + TAIL_EXTRA_TOKENS = 12 of them; got {row.finish_reason!r}")
@@ -169,7 +170,7 @@ def test_stop_strings_over_multibyte_characters():
 def test_a_stop_string_is_tested_before_the_trigger():
     """add_token: when one token completes a stop string and the trigger, the row stops (no call)"""
     tok = CharTokenizer(merges=["output\n\n"])
-    row, r = M._Row(3, 1), rules(tok, stop=["\n\n"])
+    row, r = sampler._Row(3, 1), rules(tok, stop=["\n\n"])
     returned = feed(row, tok, "```python\nprint(1)\n```\n```output\n\n", r)
     assert row.finish_reason == "stop" and returned[-1] is False and not row.waiting, (
         f"'output\\n\\n' completes both ```output and the stop string '\\n\\n': the stop string wins, got "
@@ -179,7 +180,7 @@ def test_a_stop_string_is_tested_before_the_trigger():
 def test_a_row_at_its_length_limit_makes_no_call():
     """add_token: the token that completes ```output at max_new_tokens ends the row ("length"): no call"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok, max_new_tokens=len(CALL))
+    row, r = sampler._Row(3, 1), rules(tok, max_new_tokens=len(CALL))
     returned = feed(row, tok, CALL, r)
     assert row.finish_reason == "length" and returned[-1] is False and not row.waiting, (
         f"the trigger's last token is the row's last allowed one: 'length', no call; got finish_reason "
@@ -189,7 +190,7 @@ def test_a_row_at_its_length_limit_makes_no_call():
 def test_the_trigger_pauses_the_row():
     """add_token: the sampled token completing ```output makes the row wait for the tool (returns True)"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok)
+    row, r = sampler._Row(3, 1), rules(tok)
     returned = feed(row, tok, "Let me compute.\n" + CALL, r)
     assert returned[-1] is True, "the token completing ```output must return True (the caller submits the call)"
     assert not any(returned[:-1]), f"only the last token starts a call, got True at {[i for i, x in enumerate(returned) if x]}"
@@ -200,11 +201,11 @@ def test_the_trigger_pauses_the_row():
 def test_the_trigger_token_may_carry_the_newline():
     """add_token: a token "```output\\n" (trigger and whitespace in one piece) also pauses the row"""
     tok = CharTokenizer(merges=["```output\n", "output\n\n"])
-    row, r = M._Row(3, 1), rules(tok)
+    row, r = sampler._Row(3, 1), rules(tok)
     returned = feed(row, tok, "```python\nprint(1)\n```\n```output\n", r)
     assert returned[-1] is True and row.waiting, "the trigger followed by whitespace in the same token: wait"
     tok2 = CharTokenizer(merges=["output\n\n"])
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     returned = feed(row, tok2, "```python\nprint(1)\n```\n```output\n\n", rules(tok2))
     assert returned[-1] is True, "'output\\n\\n' completes the trigger: wait"
 
@@ -213,7 +214,7 @@ def test_a_whitespace_token_after_the_trigger_is_no_new_call():
     """add_token: a token of whitespace alone after ```output completes no trigger (it was answered already)"""
     tok = CharTokenizer()
     r = rules(tok)
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     row.tokens = tok.encode(CALL)                 # a trigger completed (and answered) a token earlier
     row.sampled_mask, row.logprobs = [1] * len(row.tokens), [-0.5] * len(row.tokens)
     assert row.add_token(tok.ids["\n"], True, -0.1, r) is False and not row.waiting, (
@@ -221,7 +222,7 @@ def test_a_whitespace_token_after_the_trigger_is_no_new_call():
     assert row.add_token(tok.ids[" "], True, -0.1, r) is False and not row.waiting
     merged = CharTokenizer(merges=["\n\n", "  \n"])
     for piece in ("\n\n", "  \n"):
-        row = M._Row(3, 1)
+        row = sampler._Row(3, 1)
         row.tokens = merged.encode(CALL)
         row.sampled_mask, row.logprobs = [1] * len(row.tokens), [-0.5] * len(row.tokens)
         assert row.add_token(merged.ids[piece], True, -0.1, rules(merged)) is False and not row.waiting, (
@@ -231,7 +232,7 @@ def test_a_whitespace_token_after_the_trigger_is_no_new_call():
 def test_injected_text_never_calls_the_tool():
     """add_token: a trigger completed by injected tokens does not pause the row"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok)
+    row, r = sampler._Row(3, 1), rules(tok)
     returned = feed(row, tok, CALL, r, sampled=False)
     assert not any(returned) and not row.waiting, "tool output that contains ```output must not call the tool"
 
@@ -239,13 +240,13 @@ def test_injected_text_never_calls_the_tool():
 def test_no_tool_no_call():
     """add_token: without a tool (has_tool False) the trigger is ordinary text"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok, tool=False)
+    row, r = sampler._Row(3, 1), rules(tok, tool=False)
     assert not any(feed(row, tok, CALL, r)) and not row.waiting and row.finish_reason is None
 
 
 def test_no_tokenizer_needed_without_stop_strings_or_tool():
     """add_token: with nothing to look for in the text, the tokenizer is never used (it may be None)"""
-    row, r = M._Row(3, 1), rules(None, tool=False)
+    row, r = sampler._Row(3, 1), rules(None, tool=False)
     for t in (5, 6, 7):
         row.add_token(t, True, -0.2, r)
     assert row.tokens == [5, 6, 7] and row.finish_reason is None
@@ -254,11 +255,11 @@ def test_no_tokenizer_needed_without_stop_strings_or_tool():
 def test_beyond_max_calls_a_notice_then_the_end():
     """add_token: past max_calls, the next trigger gets MAX_CALLS_NOTICE as its output; the one after ends the row"""
     tok = CharTokenizer()
-    row, r = M._Row(3, 1), rules(tok, max_calls=2)
+    row, r = sampler._Row(3, 1), rules(tok, max_calls=2)
     row.calls = 2                                   # two executions already
     returned = feed(row, tok, CALL, r)
     assert returned[-1] is False and not row.waiting, "beyond max_calls: no call (the notice is the output)"
-    expected = M.encode_continuation(tok, M.tool_injection(M.MAX_CALLS_NOTICE), row.tokens)
+    expected = task.encode_continuation(tok, task.tool_injection(task.MAX_CALLS_NOTICE), row.tokens)
     assert list(row.forced) == expected, (f"the notice is queued as forced tokens, "
                                           f"tool_injection(MAX_CALLS_NOTICE): {tok.decode(expected)!r}; got "
                                           f"{tok.decode(list(row.forced))!r}")
@@ -272,9 +273,9 @@ def test_beyond_max_calls_a_notice_then_the_end():
 def test_the_notice_after_a_trigger_token_with_its_newline():
     """add_token: when the trigger token carried the newline, the notice starts without one"""
     tok = CharTokenizer(merges=["```output\n"])
-    row, r = M._Row(3, 1), rules(tok, max_calls=0)
+    row, r = sampler._Row(3, 1), rules(tok, max_calls=0)
     feed(row, tok, "```python\nx\n```\n```output\n", r)
-    expected = M.encode_continuation(tok, M.tool_injection(M.MAX_CALLS_NOTICE, True), row.tokens)
+    expected = task.encode_continuation(tok, task.tool_injection(task.MAX_CALLS_NOTICE, True), row.tokens)
     assert list(row.forced) == expected, f"got {tok.decode(list(row.forced))!r}"
 
 
@@ -282,7 +283,7 @@ def test_the_notice_after_a_trigger_token_with_its_newline():
 def test_inject_encodes_a_continuation_of_the_row():
     """inject: queue tool_injection(output) as tokens that continue the row's text exactly (no prefix space)"""
     tok = PrefixSpaceTokenizer()
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     row.tokens = CharTokenizer().encode("abc" + TRIGGER)
     row.forced.append(5)
     row.inject("42", False, tok)
@@ -293,7 +294,7 @@ def test_inject_encodes_a_continuation_of_the_row():
         f"{tok.decode(forced[1:])!r} (a SentencePiece-style tokenizer adds a space to text encoded on its own: "
         f"use encode_continuation)")
     tok = SentencePieceLikeTokenizer()
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     row.tokens = CharTokenizer().encode("abc" + TRIGGER)
     row.inject("42", False, tok)
     assert tok.decode(row.tokens + list(row.forced)) == "abc" + TRIGGER + "\n42\n```\n", (
@@ -305,7 +306,7 @@ def test_inject_encodes_a_continuation_of_the_row():
 def test_tool_returned_counts_the_call_and_injects_its_output():
     """tool_returned: calls + 1, the status recorded, no longer waiting, output injected after the trigger"""
     tok = CharTokenizer()
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     row.tokens, row.waiting = tok.encode(CALL), True
     row.tool_returned("42", "ok", tok)
     assert row.calls == 1 and row.statuses == ["ok"] and not row.waiting, (row.calls, row.statuses, row.waiting)
@@ -320,15 +321,15 @@ def test_tool_returned_counts_the_call_and_injects_its_output():
 
 # --------------------------------------------------------------------------- _Slots.add_tokens
 def slots_for(rows):
-    config = M.Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+    config = model.Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, intermediate_size=8, max_position_embeddings=64)
-    return M._Slots(rows, M.KVCache(config, len(rows), 8, torch.float32, "cpu"))
+    return sampler._Slots(rows, sampler.KVCache(config, len(rows), 8, torch.float32, "cpu"))
 
 
 def test_add_tokens_gives_forced_tokens_priority():
     """_Slots.add_tokens: a row with injected tokens pending gets the next one instead of the chosen token"""
     tok = CharTokenizer()
-    rows = [M._Row(3, 1), M._Row(4, 2), M._Row(5, 3)]
+    rows = [sampler._Row(3, 1), sampler._Row(4, 2), sampler._Row(5, 3)]
     rows[1].forced.extend([70, 71])
     slots, r = slots_for(rows), rules(tok)
     asking = slots.add_tokens(torch.tensor([40, 41, 42]), torch.tensor([-0.1, -0.2, -0.3]), r)
@@ -345,7 +346,7 @@ def test_add_tokens_gives_forced_tokens_priority():
 def test_add_tokens_on_the_first_n_slots_and_through_row_of():
     """_Slots.add_tokens: len(tokens) slots are updated, each for the row it holds (row_of), the rest untouched"""
     tok = CharTokenizer()
-    rows = [M._Row(3, 1), M._Row(4, 2), M._Row(5, 3)]
+    rows = [sampler._Row(3, 1), sampler._Row(4, 2), sampler._Row(5, 3)]
     slots, r = slots_for(rows), rules(tok)
     slots.swap([0], [2])                                  # slot 0 now holds row 2, slot 2 row 0
     slots.add_tokens(torch.tensor([50, 51]), torch.tensor([-1.0, -2.0]), r)
@@ -356,7 +357,7 @@ def test_add_tokens_on_the_first_n_slots_and_through_row_of():
 def test_add_tokens_returns_the_rows_that_now_wait():
     """_Slots.add_tokens: the rows whose token completed the trigger are returned (in slot order)"""
     tok = CharTokenizer()
-    rows = [M._Row(3, 1), M._Row(3, 2)]
+    rows = [sampler._Row(3, 1), sampler._Row(3, 2)]
     ids = tok.encode(CALL)
     for row in rows:
         row.tokens, row.sampled_mask, row.logprobs = ids[:-1], [1] * (len(ids) - 1), [-0.1] * (len(ids) - 1)
@@ -367,7 +368,7 @@ def test_add_tokens_returns_the_rows_that_now_wait():
 
 # --------------------------------------------------------------------------- _ToolCalls
 def waiting_row(tok, text=CALL):
-    row = M._Row(3, 1)
+    row = sampler._Row(3, 1)
     row.tokens, row.waiting = tok.encode(text), True
     row.sampled_mask, row.logprobs = [1] * len(row.tokens), [-0.1] * len(row.tokens)
     return row
@@ -382,7 +383,7 @@ def test_submit_sends_the_decoded_responses_and_collect_injects():
         seen.append(list(responses))
         return [(f"out{i}", "ok") for i in range(len(responses))]
 
-    calls = M._ToolCalls(tool, 2, tok)
+    calls = sampler._ToolCalls(tool, 2, tok)
     try:
         long = "Let me think. " * 20 + CALL            # the tool needs the whole response: earlier cells too
         rows = [waiting_row(tok), waiting_row(tok, long)]
@@ -407,7 +408,7 @@ def test_collect_without_block_leaves_running_calls():
         release.wait(10)
         return [("done", "ok")] * len(responses)
 
-    calls = M._ToolCalls(slow, 2, tok)
+    calls = sampler._ToolCalls(slow, 2, tok)
     try:
         row = waiting_row(tok)
         calls.submit([row])
@@ -431,7 +432,7 @@ def test_collect_with_block_waits_for_the_first_call_not_all():
             release.wait(10)
         return [("out", "ok")] * len(responses)
 
-    calls = M._ToolCalls(tool, 2, tok)
+    calls = sampler._ToolCalls(tool, 2, tok)
     try:
         slow, fast = waiting_row(tok, "slow" + CALL), waiting_row(tok, "fast" + CALL)
         calls.submit([slow])
@@ -456,7 +457,7 @@ def test_collect_reports_a_broken_tool():
     def broken(responses):
         raise OSError("sandbox is gone")
 
-    calls = M._ToolCalls(broken, 1, tok)
+    calls = sampler._ToolCalls(broken, 1, tok)
     try:
         calls.submit([waiting_row(tok)])
         with pytest.raises(RuntimeError, match="tool callback raised OSError: sandbox is gone") as info:
@@ -464,14 +465,14 @@ def test_collect_reports_a_broken_tool():
         assert isinstance(info.value.__cause__, OSError), "raise ... from the tool's exception"
     finally:
         calls.close()
-    calls = M._ToolCalls(lambda responses: [("a", "ok")] * (len(responses) + 1), 1, tok)
+    calls = sampler._ToolCalls(lambda responses: [("a", "ok")] * (len(responses) + 1), 1, tok)
     try:
         calls.submit([waiting_row(tok)])
         with pytest.raises(RuntimeError, match="2 results for 1"):
             calls.collect(block=True)
     finally:
         calls.close()
-    calls = M._ToolCalls(lambda responses: [("a", "ok")], 1, tok)
+    calls = sampler._ToolCalls(lambda responses: [("a", "ok")], 1, tok)
     try:
         calls.submit([waiting_row(tok), waiting_row(tok)])
         with pytest.raises(RuntimeError, match="1 results for 2"):
@@ -482,7 +483,7 @@ def test_collect_reports_a_broken_tool():
 
 def test_collect_with_nothing_pending_returns_at_once():
     """_ToolCalls.collect: nothing submitted (or no tool at all): returns immediately, even with block=True"""
-    calls = M._ToolCalls(None, 1, CharTokenizer())
+    calls = sampler._ToolCalls(None, 1, CharTokenizer())
     start = time.time()
     calls.collect(block=True)
     assert time.time() - start < 1
@@ -490,13 +491,13 @@ def test_collect_with_nothing_pending_returns_at_once():
 
 
 # --------------------------------------------------------------------------- generate() end to end
-class ScriptedModel(M.Transformer):
+class ScriptedModel(model.Transformer):
     """The token at position p + 1 is script[p + 1] whatever came before: any prefix of the script is a prompt and
     the expected response (injected output included) is the rest of the script."""
 
     def __init__(self, script_ids, vocab_size):
         vocab_size += -vocab_size % 4
-        super().__init__(M.Config(vocab_size=vocab_size, hidden_size=vocab_size, num_attention_heads=2,
+        super().__init__(model.Config(vocab_size=vocab_size, hidden_size=vocab_size, num_attention_heads=2,
                                   num_key_value_heads=2, num_hidden_layers=1, intermediate_size=8,
                                   max_position_embeddings=len(script_ids) + 2, tie_word_embeddings=False,
                                   eos_token_id=0))
@@ -521,8 +522,8 @@ def scripted(tok, parts):
 def test_generate_runs_calls_masks_them_and_stops_at_max_calls():
     """generate: two calls run and injected with mask 0, a notice after max_calls, then the row ends"""
     tok = CharTokenizer()
-    injected, notice = M.tool_injection("42"), M.tool_injection(M.MAX_CALLS_NOTICE)
-    model, text = scripted(tok, [PROMPT, CALL, injected, "again", CALL, injected, "once more", CALL, notice,
+    injected, notice = task.tool_injection("42"), task.tool_injection(task.MAX_CALLS_NOTICE)
+    net, text = scripted(tok, [PROMPT, CALL, injected, "again", CALL, injected, "once more", CALL, notice,
                                  "and", CALL, "never reached"])
     seen = []
 
@@ -530,7 +531,7 @@ def test_generate_runs_calls_masks_them_and_stops_at_max_calls():
         seen.extend(responses)
         return [("42", "ok") for _ in responses]
 
-    sample = M.generate(model, [tok.encode(PROMPT)], 500, temperature=0, tokenizer=tok, tool=tool, max_calls=2)[0]
+    sample = sampler.generate(net, [tok.encode(PROMPT)], 500, temperature=0, tokenizer=tok, tool=tool, max_calls=2)[0]
     expected = text[len(PROMPT):text.index("never reached")]
     assert sample.text == expected, f"expected {expected!r}\ngot      {sample.text!r}"
     assert sample.finish_reason == "max_calls" and sample.calls == 2 and sample.statuses == ["ok", "ok"]
@@ -548,10 +549,10 @@ def test_generate_runs_calls_masks_them_and_stops_at_max_calls():
 def test_generate_keeps_other_rows_decoding_while_a_tool_runs():
     """generate: a row waiting for its tool leaves the others decoding; its output is what the tool returned"""
     tok = CharTokenizer()
-    model, text = scripted(tok, [PROMPT, CALL, M.tool_injection("??"), "done" * 20])
+    net, text = scripted(tok, [PROMPT, CALL, task.tool_injection("??"), "done" * 20])
     steps = []
-    original = model.step
-    model.step = lambda *args, **kwargs: steps.append(1) or original(*args, **kwargs)
+    original = net.step
+    net.step = lambda *args, **kwargs: steps.append(1) or original(*args, **kwargs)
     progress = []
 
     def tool(responses):
@@ -562,9 +563,9 @@ def test_generate_keeps_other_rows_decoding_while_a_tool_runs():
         return [("42", "ok")] * len(responses)
 
     other = tok.encode(text[:len(PROMPT) + len(CALL) + 10])        # starts past the call: never calls
-    samples = M.generate(model, [tok.encode(PROMPT), other], 70, temperature=0, tokenizer=tok, tool=tool)
+    samples = sampler.generate(net, [tok.encode(PROMPT), other], 70, temperature=0, tokenizer=tok, tool=tool)
     assert progress and progress[0] >= 15, "the other row must keep decoding while the tool runs"
-    assert samples[0].text.startswith(CALL + M.tool_injection("42")), samples[0].text[:80]
+    assert samples[0].text.startswith(CALL + task.tool_injection("42")), samples[0].text[:80]
     assert samples[0].calls == 1 and samples[0].statuses == ["ok"] and samples[0].finish_reason == "length"
     assert samples[1].calls == 0 and len(samples[1].tokens) == 70
 
@@ -572,10 +573,10 @@ def test_generate_keeps_other_rows_decoding_while_a_tool_runs():
 def test_generate_reports_a_tool_that_raises():
     """generate: the tool's exception surfaces as RuntimeError"""
     tok = CharTokenizer()
-    model, _ = scripted(tok, [PROMPT, CALL, "rest"])
+    net, _ = scripted(tok, [PROMPT, CALL, "rest"])
 
     def broken(responses):
         raise OSError("sandbox is gone")
 
     with pytest.raises(RuntimeError, match="tool callback raised OSError: sandbox is gone"):
-        M.generate(model, [tok.encode(PROMPT)] * 3, 60, temperature=0, tokenizer=tok, tool=broken)
+        sampler.generate(net, [tok.encode(PROMPT)] * 3, 60, temperature=0, tokenizer=tok, tool=broken)

@@ -5,8 +5,7 @@ from fractions import Fraction
 
 import pytest
 
-import grade as G
-
+import grade
 pytestmark = pytest.mark.A9
 
 T, F, CONFIRM, UNKNOWN, ABSURD = True, False, "confirm", "unknown", "absurd"
@@ -96,13 +95,13 @@ TABLE = [
 
 
 def tree(text):
-    return G._parse(G._clean(text))
+    return grade._parse(grade._clean(text))
 
 
 @pytest.mark.parametrize("a, b, verdict, why", TABLE, ids=[f"{a} vs {b}" for a, b, _, _ in TABLE])
 def test_numeric_verdict_table(a, b, verdict, why):
     """_numeric_verdict: True / False / "confirm" / "unknown" / "absurd" on the hand-checked table"""
-    got = G._numeric_verdict(tree(a), tree(b))
+    got = grade._numeric_verdict(tree(a), tree(b))
     assert got == verdict and type(got) is type(verdict), (
         f"{a!r} vs {b!r}: expected {verdict!r} ({why}), got {got!r}")
 
@@ -111,39 +110,39 @@ def test_numeric_verdict_table(a, b, verdict, why):
                          ids=[f"{a} vs {b}" for a, b, v, _ in TABLE if v in (T, F, CONFIRM)][:20])
 def test_numeric_verdict_is_symmetric(a, b, verdict, why):
     """_numeric_verdict: swapping the two answers gives the same verdict"""
-    assert G._numeric_verdict(tree(b), tree(a)) == verdict, f"{b!r} vs {a!r} (swapped): expected {verdict!r}"
+    assert grade._numeric_verdict(tree(b), tree(a)) == verdict, f"{b!r} vs {a!r} (swapped): expected {verdict!r}"
 
 
 def test_numeric_verdict_never_raises():
     """_numeric_verdict: odd inputs give a verdict, never an exception"""
     for a, b in [(r"10^{10^{10}}", r"10^{10^{10}}"), (r"0^{-1}", "1"), (r"\log_1 5", "2"), (r"\frac{x}{0}", "x"),
                  (r"(-1)!", "1"), (r"\binom{-1}{2}", "3")]:
-        got = G._numeric_verdict(tree(a), tree(b))
+        got = grade._numeric_verdict(tree(a), tree(b))
         assert got in (True, False, CONFIRM, UNKNOWN, ABSURD), f"{a!r} vs {b!r}: got {got!r}"
 
 
 # --------------------------------------------------------------------------- _close
 def test_close_is_relative_to_the_larger_magnitude():
     """_close(x, y, rel): |x - y| <= rel * max(|x|, |y|), or |x - y| <= 1e-12"""
-    assert G._close(1.0, 1.0 + 1e-10, 1e-9) is True
-    assert G._close(1.0, 1.01, 1e-3) is False
-    assert G._close(100.0, 101.0, 0.00995) is True, "1 <= 0.00995 * max(100, 101) = 1.005: close (max, not min)"
-    assert G._close(101.0, 100.0, 0.00995) is True, "symmetric"
-    assert G._close(100.0, 101.0, 0.0099) is False, "1 > 0.0099 * 101 = 0.9999"
-    assert G._close(1.0, 2.0, 0.5) is True, "|1 - 2| = 1 <= 0.5 * 2: the bound itself counts as close (<=)"
+    assert grade._close(1.0, 1.0 + 1e-10, 1e-9) is True
+    assert grade._close(1.0, 1.01, 1e-3) is False
+    assert grade._close(100.0, 101.0, 0.00995) is True, "1 <= 0.00995 * max(100, 101) = 1.005: close (max, not min)"
+    assert grade._close(101.0, 100.0, 0.00995) is True, "symmetric"
+    assert grade._close(100.0, 101.0, 0.0099) is False, "1 > 0.0099 * 101 = 0.9999"
+    assert grade._close(1.0, 2.0, 0.5) is True, "|1 - 2| = 1 <= 0.5 * 2: the bound itself counts as close (<=)"
 
 
 def test_close_has_an_absolute_floor_for_zero():
     """_close: near 0 a relative tolerance means nothing; 1e-12 absolute still counts as equal"""
-    assert G._close(0.0, 1e-13, 0.0) is True, "1e-13 apart: within the absolute floor 1e-12"
-    assert G._close(0.0, 1e-11, 1e-9) is False, "1e-11 apart around 0: relative 1e-9 of 1e-11 is 1e-20, floor 1e-12"
-    assert G._close(0.0, 0.0, 0.0) is True
+    assert grade._close(0.0, 1e-13, 0.0) is True, "1e-13 apart: within the absolute floor 1e-12"
+    assert grade._close(0.0, 1e-11, 1e-9) is False, "1e-11 apart around 0: relative 1e-9 of 1e-11 is 1e-20, floor 1e-12"
+    assert grade._close(0.0, 0.0, 0.0) is True
 
 
 def test_close_takes_complex_numbers_and_fractions():
     """_close: compares complex values (and Fractions) by the modulus of the difference"""
-    assert G._close(1 + 1j, 1 + 1j + 1e-10, 1e-9) is True
-    assert G._close(1 + 1j, 1 - 1j, 1e-3) is False
-    assert G._close(3j, 3.0001j, 1e-4) is True, "|3j - 3.0001j| = 1e-4 <= 1e-4 * 3.0001"
-    assert G._close(Fraction(1, 3), 0.3333333333, 1e-9) is True
-    assert G._close(Fraction(1, 3), Fraction(1, 3), 0.0) is True
+    assert grade._close(1 + 1j, 1 + 1j + 1e-10, 1e-9) is True
+    assert grade._close(1 + 1j, 1 - 1j, 1e-3) is False
+    assert grade._close(3j, 3.0001j, 1e-4) is True, "|3j - 3.0001j| = 1e-4 <= 1e-4 * 3.0001"
+    assert grade._close(Fraction(1, 3), 0.3333333333, 1e-9) is True
+    assert grade._close(Fraction(1, 3), Fraction(1, 3), 0.0) is True

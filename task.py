@@ -1,6 +1,6 @@
 """
-The data every stage shares: the embedded arithmetic task, its teacher solutions, the prompts of
-the three modes, and the JSONL plumbing (reading queries, resumable appends, atomic writes).
+task.py: the embedded arithmetic task, its teacher solutions, the tool format, the prompts of the three modes, and
+the tiny model's tokenizer.
 
 The embedded task recreates, at toy scale, the situation the paper starts from: each method loses
 somewhere, so a model that chooses well beats both forced modes while calling code less.
@@ -18,8 +18,8 @@ somewhere, so a model that chooses well beats both forced modes while calling co
     The warm start codes here most of the time when unprompted (train.py's habit_code_frac), so EM
     must learn both directions: start coding where CoT fails, stop where code fails.
 
-    python data.py --split=train --n=2000 --out=queries.jsonl    # write queries
-    python data.py --show                                        # one example per family and style
+    python task.py --split=train --n=2000 --out=queries.jsonl    # write queries
+    python task.py --show                                        # one example per family and style
 """
 
 import functools
@@ -28,9 +28,9 @@ import json
 import os
 import random
 import re
-import sys
 
 import flags
+from jsonl import write_jsonl_atomic
 
 # ----------------------------------------------------------------------------- hyperparameters
 split = "train"   # "train" or "test": the two splits never share a set of operands
@@ -197,6 +197,49 @@ def make_problems(n, split, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# The tool format (ToRA / Qwen2.5-Math). The model writes a ```python block, then "```output"; generation of that row
+# pauses, the code runs, and the sampler (sample.py) feeds tool_injection(output) to the row as forced tokens, then the
+# row continues sampling.
+
+TOOL_TRIGGER = "```output"  # whitespace after it may arrive in the same token (byte-level BPE has "output\n\n")
+# What the model reads as the output of a call beyond max_calls (ToRA injects a similar notice). Asking again ends the row.
+MAX_CALLS_NOTICE = "Reached the maximum number of code executions. Continue without running code."
+CODE_OPEN = "```python"  # how a response that starts with a code block starts
+
+
+def tool_injection(output: str, after_newline: bool = False) -> str:
+    """The text fed after the trigger: the output and the closing fence. The leading newline is left out when the
+    model's text already ends with one or more, which its trigger token carried (tokenizers that merge "```output\\n"
+    or "output\\n\\n" into one piece)."""
+    return ("" if after_newline else "\n") + output + "\n```\n"
+
+
+# What encode_continuation puts before a text so that a SentencePiece tokenizer's prefix space goes to it, not to the
+# text. A newline, because Llama-2-family vocabularies have no piece holding one (it is the byte-fallback token
+# <0x0A>): the anchor's tokens never merge with the text after it.
+ENCODE_ANCHOR = "\n"
+
+
+def encode_continuation(tokenizer, text, context):
+    """Token ids that continue the token ids `context` with exactly `text`: decode(context + ids) == decode(context) +
+    text. Encoded on its own, text gets a leading "▁" (a space) from SentencePiece tokenizers (Llama 2's, with
+    add_prefix_space or legacy), text the model would never have produced. So when the plain encoding does not decode
+    to text in context, text is encoded after ENCODE_ANCHOR, which takes the prefix, and the anchor's tokens are
+    dropped. A tokenizer that defeats both gets the plain encoding: the sample's text, decoded from its tokens, then
+    shows what the model read."""
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    before = tokenizer.decode(context)
+    if tokenizer.decode(context + plain) == before + text:
+        return plain
+    anchor = tokenizer.encode(ENCODE_ANCHOR, add_special_tokens=False)
+    anchored = tokenizer.encode(ENCODE_ANCHOR + text, add_special_tokens=False)
+    rest = anchored[len(anchor):]
+    if anchored[:len(anchor)] == anchor and tokenizer.decode(context + rest) == before + text:
+        return rest
+    return plain
+
+
+# -----------------------------------------------------------------------------
 # Teacher solutions. CoT writes every intermediate result a person would write on paper; the
 # digit-level steps of the easy families are what lets a tiny model be right: the 2-digit operation
 # is first restated on its own line (so each digit is copied from a fixed offset just above), then
@@ -313,7 +356,6 @@ def teacher_solution(record, style):
         lines, written_answer = _cot_lines(record)
         return "\n".join(lines) + f"\n\\boxed{{{written_answer}}}"
     if style == "code":
-        from model import TOOL_TRIGGER, tool_injection  # lazy: writing queries needs no torch
         # The output block is what sandbox.format_output gives for this program: its stdout with
         # trailing whitespace stripped, i.e. str() of the printed integer. Computing it here rather
         # than running the sandbox keeps teacher data free of subprocesses; tests check they agree.
@@ -373,7 +415,6 @@ def tokenize_response(tokenizer, text, prompt_ids=()):
     (model.encode_continuation: a SentencePiece tokenizer would otherwise give every piece a leading
     space), so token boundaries never cross an injection. prompt_ids: the prompt the response follows.
     An injection cut short (length limit) is masked to the end. No EOS appended."""
-    from model import TOOL_TRIGGER, encode_continuation
     closing = "\n```\n"
     context, ids, trainable = list(prompt_ids), [], []
 
@@ -398,207 +439,47 @@ def tokenize_response(tokenizer, text, prompt_ids=()):
 
 
 # -----------------------------------------------------------------------------
-# JSONL plumbing shared by every stage.
-
-def iter_jsonl(path):
-    """(line number, record) for every record of a JSONL file (blank lines skipped). A malformed line is
-    an error that names the file and the line, never a silently shorter data set."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got "
-                                 f"{type(record).__name__}")
-            yield line_number, record
-
-
-def read_jsonl(path):
-    """All records of a JSONL file, see iter_jsonl."""
-    return [record for _, record in iter_jsonl(path)]
-
-
-def read_queries(path):
-    """Queries in the common formats: the text from `problem` or `question`; the gold from
-    `answer`, a `solution` holding \\boxed{...}, or a GSM8K answer ending in "#### N". Every other
-    field (family, level, type, ...) is kept; a missing id becomes the line number."""
-    from grade import extract_answer  # lazy: only reading a query file needs the grader
-    queries = []
-    for line_number, record in iter_jsonl(path):
-        problem = record.get("problem", record.get("question"))
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{path}:{line_number}: no 'problem' or 'question' text")
-        answer = record.get("answer")
-        if isinstance(answer, str) and "####" in answer:
-            answer = extract_answer(answer)  # GSM8K: worked solution, then "#### 72"
-        if answer is None and isinstance(record.get("solution"), str):
-            answer = extract_answer(record["solution"])  # MATH: the last \boxed{} of the solution
-        if answer is None or str(answer).strip() == "":
-            raise ValueError(f"{path}:{line_number}: no gold answer ('answer', a 'solution' with "
-                             "\\boxed{...}, or a '#### N' line)")
-        queries.append({**record, "id": str(record.get("id", line_number)),
-                        "problem": problem, "answer": str(answer).strip()})
-    return queries
+# The tiny model's tokenizer: characters, and whole tokens for the task's fixed words.
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]   # EOS (id 0) and PAD (id 1)
+TINY_CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
+# Whole tokens for the embedded task's fixed text: the worked solutions' line labels, the code block's fences, the
+# three prompts' instructions and the words of data.TEMPLATES. A warm-start example is then 69 tokens on average
+# instead of 144 with one token per character, and 400 warm-start steps take 0.65 times the wall time. No word
+# holds a digit: numbers are read and written one digit a token everywhere (problem, steps, program, tool output),
+# which digit-level arithmetic needs. The operators and " = " stay characters: as whole tokens (" + ", " = ") the
+# warm start copied chain's five numbers into its program with one digit position mostly wrong (forced code on
+# chain 0%; the middle digits in one warm start, the fourth number's first digit in another), and right with them
+# as characters. Any other text is one token per character.
+TINY_WORDS = [
+    "ones: ", "tens: ", ", carry ", ", borrow ", "result: ", "last digit: ", "\\boxed{",
+    "```python", "\nprint(", ")\n```\n", "```output", "\n```\n",
+    "\nUse code.\n", "\nThink step by step.\n", "\nSolve.\n",
+    "Ann", "Ben", "Sam", "There", "Start", "Take", " Total", " Result", " What", " How", " Last",
+    " a", " all", " and", " are", " at", " each", " for", " get", " had", " has", " hold", " holds", " in", " is",
+    " many", " more", " now", " of", " off", " plus", " the", " then", " there", " with",
+    " add", " subtract", " added", " adds", " buys", " came", " carries", " fell", " finds", " left", " reads",
+    " remain", " sells", " spent", " takes", " count", " digit", " extra", " last", " loose", " sum", " total",
+    " apples", " bags", " books", " box", " boxes", " bus", " cans", " coins", " crates", " day", " days", " eggs",
+    " farm", " fields", " hens", " kg", " marbles", " pages", " people", " pins", " plants", " rows", " shelf",
+    " shells", " shop", " tree", " van",
+]
 
 
-class JsonlAppender:
-    """Append-only JSONL output that survives being killed: on opening, the ids already written are
-    collected in .done_ids (a stage skips them), and a last line cut short by a kill is removed
-    (or completed, if only its newline was lost). Each .write() is one flushed line."""
-
-    def __init__(self, path):
-        self.path = path
-        self.done_ids = set()
-        if os.path.exists(path):
-            self._repair_and_collect()
-        self.file = open(path, "a", encoding="utf-8")
-
-    def _repair_and_collect(self):
-        with open(self.path, "rb") as f:
-            data = f.read()
-        complete_end = data.rfind(b"\n") + 1  # everything up to the last newline is complete
-        tail = data[complete_end:]
-        if tail.strip():
-            try:
-                json.loads(tail)
-                complete_end = len(data)  # only the newline was lost: keep the record
-                data += b"\n"
-            except json.JSONDecodeError:
-                data = data[:complete_end]  # a half-written record: drop it, it will be redone
-        elif tail:
-            data = data[:complete_end]
-        with open(self.path, "r+b") as f:
-            f.truncate(complete_end)
-            f.seek(complete_end)
-            f.write(data[complete_end:])
-        for line_number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                self.done_ids.add(str(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{self.path}:{line_number}: malformed record (not JSON with an "
-                                 "'id'); remove the line or the file to start over") from None
-
-    def write(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self.done_ids.add(str(record["id"]))
-
-    def close(self):
-        self.file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def finalize(partial_path, final_path):
-    """A stage writes OUT.partial while it runs and renames it to OUT when complete: a complete
-    OUT always means the stage is done (a rename is atomic on one filesystem)."""
-    os.replace(partial_path, final_path)
-
-
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# Seeds and shards: one process per GPU
-# explore.py and evaluate.py split their queries over n processes (--shard=i/n, one GPU each, no communication) and
-# join the parts afterwards (--merge=n). Shard i takes the queries whose index is i mod n, before any batching: a
-# row's tokens depend only on its prompt and its seed (greedy, or a hash of the row's ids), never on its batch, so
-# the n parts together hold the rows one process would have drawn. Only floats (log-probs, p_code_open) can differ,
-# in the last bits: the model's arithmetic depends slightly on the batch's shapes.
-
-def parse_shard(text):
-    """'i/n' -> (i, n)."""
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        i, n = 0, 0
-    if not 0 <= i < n:
-        sys.exit(f"--shard: expected i/n with 0 <= i < n (shard i of n), got {text!r}")
-    return i, n
-
-
-def take_shard(queries, shard):
-    i, n = shard
-    return queries[i::n]
-
-
-def shard_name(shard):
-    return "shard{}of{}".format(*shard)
-
-
-def shard_owners(queries, n, rows):
-    """{row id: the shard that draws it}, rows: (query id, row id) pairs in the order one process writes them."""
-    shard_of = {q["id"]: i for i in range(n) for q in take_shard(queries, (i, n))}
-    return {row_id: shard_of[query_id] for query_id, row_id in rows}
-
-
-def read_shard_configs(paths):
-    """The shards' common config (paths: their config files, shard 0 first). Refused unless every shard started and
-    they agree on every setting but their own out and shard: parts drawn under two settings make no single run."""
-    configs = []
-    for path in paths:
-        if not os.path.exists(path):
-            sys.exit(f"merge: {path} not found: that shard never started")
-        with open(path) as f:
-            configs.append(json.load(f))
-    for path, config in zip(paths[1:], configs[1:]):
-        changed = sorted(key for key in set(config) | set(configs[0])
-                         if key not in ("out", "shard") and config.get(key) != configs[0].get(key))
-        if changed:
-            sys.exit(f"merge: {path} was run with other settings than {paths[0]} ({', '.join(changed)})")
-    return configs[0]
-
-
-def merge_shards(paths, owner):
-    """The records of the ids in owner ({id: shard}), in its order, from the shards' finished files (paths[i]: shard
-    i's). Refused when a shard has not finished, holds an id of another shard (the shards were split differently) or
-    lacks one of its own. Ids in no shard's part (a file extended from an earlier run of other modes) are left out."""
-    unfinished = [path for path in paths if not os.path.exists(path)]
-    if unfinished:
-        sys.exit(f"merge: not finished: {', '.join(unfinished)} (rerun those shards, they resume; then merge)")
-    records = {}
-    for i, path in enumerate(paths):
-        for line_number, record in iter_jsonl(path):
-            rid = str(record["id"])
-            if owner.get(rid, i) != i:
-                sys.exit(f"merge: {path}:{line_number}: {rid} belongs to shard {owner[rid]}, not {i}")
-            if rid in owner:
-                records[rid] = record
-    missing = [rid for rid in owner if rid not in records]
-    if missing:
-        sys.exit(f"merge: {len(missing)} records missing, e.g. {missing[0]} from {paths[owner[missing[0]]]}")
-    return [records[rid] for rid in owner]
-
-
-def write_jsonl_atomic(path, records):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")      # as data.JsonlAppender writes them
-    os.replace(tmp, path)
-
-
-def row_seed(base_seed, query_id, mode, k):
-    """A 32-bit seed that depends only on (seed, query, mode, k): not on the batch, the order, the shard or the run.
-    explore.py's rollouts and evaluate.py's samples are seeded with it."""
-    digest = hashlib.sha256(f"{base_seed}:{query_id}:{mode}:{k}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
+def tiny_tokenizer():
+    """TINY_WORDS whole, any other character on its own (characters outside the vocabulary are dropped). The text
+    is first split into pieces, a word where one starts (the longest) and else one character, and each piece is
+    one token: nothing merges across pieces, so the model's text and the tool output, encoded apart, give the
+    tokens their concatenation gives wherever the cut falls between pieces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS + TINY_CHARACTERS + TINY_WORDS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    words = "|".join(re.escape(word) for word in sorted(TINY_WORDS, key=len, reverse=True))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(words + r"|[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(TINY_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   padding_side="right", clean_up_tokenization_spaces=False)
 
 
 # -----------------------------------------------------------------------------
@@ -623,11 +504,7 @@ def main(argv=None):
             print(json.dumps(record))
         return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    finalize(tmp, args.out)
+    write_jsonl_atomic(args.out, records)
     counts = {f: sum(r["family"] == f for r in records) for f in FAMILIES}
     print(f"wrote {len(records)} {args.split} queries to {args.out}: {counts}")
 
