@@ -5,11 +5,11 @@ Read top to bottom:
   1. the transformer: RMSNorm, rotary embeddings (with the long-context rope_scaling variants of Llama 3 and
      Qwen2.5), grouped-query attention with optional q/k/v bias, a SwiGLU MLP, tied or untied head;
   2. loading an HF checkpoint dir and saving one back (transformers reloads it with identical logits), and the
-     "tiny" preset, the embedded task's 0.45M-parameter model (its tokenizer is task.tiny_tokenizer).
+     "tiny" preset, the embedded task's 0.46M-parameter model (its tokenizer is task.tiny_tokenizer).
 
 The model stores the q/k/v projections as one matrix and gate/up as another ("fused at load time"): one matmul instead
 of three (or two) per layer, which is most of what a decode step on a CPU pays for at small sizes. save() splits them
-back into the HF names. Sampling is in sample.py, the M-step's log-probs in logprobs.py.
+back into the HF names. Sampling is in sampler.py, the M-step's log-probs in logprobs.py.
 """
 import json
 import math
@@ -500,7 +500,7 @@ def save(model: Transformer, tokenizer, out_dir: str):
         raise
 
 
-# The tiny preset: the embedded task's model, a 0.45M-parameter Llama, with task.tiny_tokenizer() (why this size:
+# The tiny preset: the embedded task's model, a 0.46M-parameter Llama, with task.tiny_tokenizer() (why this size:
 # docs/TASK.md).
 TINY_CONFIG = dict(
     vocab_size=len(task.TINY_SPECIAL_TOKENS) + len(task.TINY_CHARACTERS) + len(task.TINY_WORDS),  # 197
@@ -511,7 +511,7 @@ TINY_CONFIG = dict(
     intermediate_size=256,           # SwiGLU width
     max_position_embeddings=384,     # prompt + a worked solution fit with room to spare
     rope_theta=10000.0,
-    tie_word_embeddings=True,        # the embedding is a large share of a 0.45M model; tying halves it
+    tie_word_embeddings=True,        # the embedding is a large share of a 0.46M model; tying halves it
     eos_token_id=0,
     pad_token_id=1,
 )

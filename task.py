@@ -198,7 +198,7 @@ def make_problems(n, split, seed=0):
 
 # -----------------------------------------------------------------------------
 # The tool format (ToRA / Qwen2.5-Math). The model writes a ```python block, then "```output"; generation of that row
-# pauses, the code runs, and the sampler (sample.py) feeds tool_injection(output) to the row as forced tokens, then the
+# pauses, the code runs, and the sampler (sampler.py) feeds tool_injection(output) to the row as forced tokens, then the
 # row continues sampling.
 
 TOOL_TRIGGER = "```output"  # whitespace after it may arrive in the same token (byte-level BPE has "output\n\n")
@@ -249,7 +249,7 @@ def encode_continuation(tokenizer, text, context):
 # 4 of 8 warm starts: 6-74% right). The result line is the tens line's number followed by the ones digit with no exception, so
 # 19 - 16 ends "result: 03" and "\boxed{03}" (the grader compares numbers: 03 = 3): dropping the
 # leading 0 was the one irregular step and the commonest CoT error. What each choice measured is in
-# the README (The embedded task).
+# docs/TASK.md.
 
 def _ones_line(x, op, y):
     """The ones step, e.g. "ones: 8 + 6 = 14, carry 1" or "ones: 12 - 7 = 5, borrow 1" (x is the ones digit,

@@ -190,11 +190,8 @@ def naive_fused_logprobs(hidden, weight, targets, chunk_size=2048, temperature=1
 def experiment_mstep():
     """On-policy the ratio is 1; then 40 M-steps raise the probability of the rewarded behaviour."""
     import torch
-    import grade
     import model
     import sampler
-    import synthesize
-    import task
     import train
     train.fused_logprobs = naive_fused_logprobs        # A5's kernel is not needed here
     torch.manual_seed(0)
@@ -311,11 +308,7 @@ def cached_generate(net, prompts, new_tokens, temperature, seeds, block=8):
     """The sampler's core without tools or slot juggling: one prefill, then one step per token, the cache grown by
     `block` positions at a time (as generate() does). Uses only reference pieces besides Transformer.step."""
     import torch
-    import grade
-    import model
     import sampler
-    import synthesize
-    import task
     longest = max(map(len, prompts))
     cache = sampler.KVCache(net.config, len(prompts), longest, torch.float32, "cpu")
     with torch.no_grad():
@@ -341,11 +334,8 @@ def cached_generate(net, prompts, new_tokens, temperature, seeds, block=8):
 
 def experiment_decode():
     import torch
-    import grade
     import model
     import sampler
-    import synthesize
-    import task
     torch.manual_seed(0)
     net = model.Transformer(model.Config(**dict(model.TINY_CONFIG, num_key_value_heads=2)))   # the tiny preset, with GQA
     # std 0.2: peaked logits, so float rounding (a cached step adds the attention up in another order) cannot flip
@@ -386,10 +376,8 @@ def experiment_decode():
 # ============================================================================= A7: tool-integrated decoding
 def experiment_tools():
     import torch
-    import grade
     import model
     import sampler
-    import synthesize
     import task
     class ScriptedModel(model.Transformer):
         """Row i's next token is scripts[i][position + 1]: the teacher's solution, whatever came before. Which row a
