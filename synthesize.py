@@ -234,6 +234,15 @@ class QueryResult:
     group: str = ""                        # mixed | all_correct | all_wrong | unsolved
     m: int = 0                             # M, the training rollouts the query may contribute
     records: list = field(default_factory=list)
+    cut: int = 0                           # training rollouts left out because they hit the length limit
+
+
+def complete(rollout):
+    """Whether the rollout ended on its own (EOS, a stop string, max_calls) rather than at the length limit. A cut
+    response is in neither term of L(θ): the λ term would teach a "correct" response that never stops, and the
+    policy term would move the probability of a sequence that has no end. Its reward still counts in Q(x,c) and in
+    its group's advantages: it is what the policy got (DAPO's overlong filtering does the same)."""
+    return rollout.get("finish_reason") != "length"
 
 
 def model_prior(first, autonomous, pi_source, pi_prior):
@@ -307,11 +316,14 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
         # only M of its records, drawn at random, are kept: EM trains on M per query, and the ablation must not
         # get 3x its M-step. sft=false: RL-only has no D_s*, so no λ term, whatever train.py's --sft_weight.
         kept = sorted(rng.sample(range(len(group)), min(result.m, len(group))))
-        result.records = [training_record(group[i], advantages[i], False) for i in kept]
+        result.records = [training_record(group[i], advantages[i], False) for i in kept if complete(group[i])]
+        result.cut = sum(not complete(group[i]) for i in kept)
         return result
 
     for rollout, advantage in zip(group, advantages):
-        if strategy == "sft":
+        if not complete(rollout):
+            result.cut += 1
+        elif strategy == "sft":
             # SFT-only ablation: the reference strategy's correct samples, λ term only.
             if rollout["correct"]:
                 result.records.append(training_record(rollout, 0.0, True))
@@ -324,7 +336,7 @@ def synthesize_query(rollouts, strategy, form, alpha, code_cost, pi_source, pi_p
         target = "code" if s_star["code"] > s_star["cot"] else "cot"
         other = "cot" if target == "code" else "code"
         failures = [r for r in pools[other] if not r["correct"]]
-        successes = [r for r in pools[target] if r["correct"]]
+        successes = [r for r in pools[target] if r["correct"] and complete(r)]
         pairs = [(f, s) for f in failures for s in successes]
         for failed, success in rng.sample(pairs, min(reflect, len(pairs))):
             result.records.append(reflective_record(failed, success, hint_ids[target]))
@@ -365,6 +377,7 @@ def summarize(results, strategy, form):
             "examples_code_share": mean(float(rec["method"] == "code") for rec in records),
             "sft_examples": sum(rec["sft"] for rec in records),
             "reflect_examples": sum(rec["source_mode"] == "reflect" for rec in records),
+            "cut_at_length_limit": sum(r.cut for r in group),
             "groups_mixed": sum(r.group == "mixed" for r in group),
             "groups_all_correct": sum(r.group == "all_correct" for r in group),
             "groups_all_wrong": sum(r.group == "all_wrong" for r in group),
@@ -379,10 +392,10 @@ def format_table(summary):
     m = "/".join(str(v) for v in summary["samples_per_query"]) or "-"
     lines = [f"strategy={summary['strategy']} form={summary['form']} M={m} per query. In %: own code = autonomous "
              f"rollouts that ran code; s*(code) = mean of s*(code|x) / share of queries with s*(code|x) > 1/2, over "
-             f"solved queries. kept: training records, λ: those in the λ term (sft)",
+             f"solved queries. kept: training records, λ: those in the λ term (sft), cut: left out at the length limit",
              f"{'family':<12}{'n':>5}{'own code':>9}{'π(code)':>8}{'Q(code)':>8}{'Q(cot)':>7}   "
              f"{'s* posterior':>12}{'tempered':>10}{'argmax':>8}   {'kept':>5}{'λ':>5}{'code':>5}{'allok':>6}"
-             f"{'allbad':>7}{'unsolved':>9}"]
+             f"{'allbad':>7}{'unsolved':>9}{'cut':>5}"]
     for family, row in summary["by_family"].items():
         share, queries = row["strategy_code_share"], row["queries_to_code"]
         forms = [f"{pct(share[f])}/{pct(queries[f])}" for f in FORMS]
@@ -390,7 +403,7 @@ def format_table(summary):
                      f"{pct(row['q_code']):>8}{pct(row['q_cot']):>7}   {forms[0]:>12}{forms[1]:>10}{forms[2]:>8}   "
                      f"{row['examples']:>5}{row['sft_examples']:>5}{pct(row['examples_code_share']):>5}"
                      f"{row['groups_all_correct']:>6}"
-                     f"{row['groups_all_wrong']:>7}{row['queries_unsolved']:>9}")
+                     f"{row['groups_all_wrong']:>7}{row['queries_unsolved']:>9}{row['cut_at_length_limit']:>5}")
     return "\n".join(lines)
 
 

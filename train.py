@@ -86,6 +86,8 @@ pad_split = 2            # each micro-batch runs as this many pieces of similar 
 lr = 4e-3                # peak learning rate when training from scratch (init=tiny)
 finetune_lr = 1e-4       # peak learning rate when starting from a checkpoint (the M-step, SFT on records)
 warmup_frac = 0.03       # linear warmup over this share of the steps, then cosine decay
+warmup_steps = 10        # the warmup lasts at least this many steps, however short the run: Adam's first updates
+                         # move every weight by about the learning rate, whatever the gradient's size
 min_lr_frac = 0.1        # the cosine ends at this fraction of the peak learning rate
 weight_decay = 0.0       # AdamW decoupled weight decay on matrices (not on norms)
 beta1 = 0.9              # AdamW β1
@@ -321,9 +323,10 @@ def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_ep
     return loss, stats
 
 
-def learning_rate(step, total_steps, peak, warmup_frac, min_lr_frac):
-    """Linear warmup, then cosine decay from peak to min_lr_frac · peak at the last step."""
-    warmup = max(1, round(warmup_frac * total_steps))
+def learning_rate(step, total_steps, peak, warmup_frac, min_lr_frac, warmup_steps=1):
+    """Linear warmup over max(warmup_frac · total_steps, warmup_steps) steps, then cosine decay from peak to
+    min_lr_frac · peak at the last step. A run shorter than its warmup ends before the peak."""
+    warmup = max(1, warmup_steps, round(warmup_frac * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup - 1)
@@ -473,7 +476,7 @@ def main(argv=None):
     model.train()
     bar = tqdm(range(total_steps), desc=f"train {args.mode}", disable=not master, dynamic_ncols=True)
     for step in bar:
-        lr_now = learning_rate(step, total_steps, peak_lr, args.warmup_frac, args.min_lr_frac)
+        lr_now = learning_rate(step, total_steps, peak_lr, args.warmup_frac, args.min_lr_frac, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         micro_batches = [collate(piece, pad_id, device)

@@ -300,3 +300,21 @@ def test_reflect_stage_encodes_hints_with_the_models_tokenizer(tmp_path):
         assert r["response_ids"][i - len(hint):i] == hint
     with pytest.raises(ValueError, match="hint"):         # a character the tiny vocabulary lacks
         synthesize.encode_hints(str(tmp_path / "tok"), {"code": "\nLet me use Python \u2192\n"})
+
+
+def test_rollouts_cut_at_the_length_limit_are_in_neither_term_but_count_in_q():
+    """A mixed hard query whose one correct CoT rollout hit the length limit: Q(x, cot) still counts it (it is what
+    the policy got), but no training record carries it, in the RL term or the λ term, and the query says so."""
+    rollouts = query("h", [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0])
+    cut = rollout("h", "code", 1, True, calls=1, finish_reason="length")
+    rollouts = [cut if r["id"] == cut["id"] else r for r in rollouts]
+    res = run(rollouts)
+    assert res.q["code"] == pytest.approx((3 - 0.05 * 4) / 4)       # the cut rollout's reward is in Q
+    assert res.group == "mixed" and res.cut == 1
+    assert cut["id"] not in {r["id"] for r in res.records} and len(res.records) == 3
+    sft = run(rollouts, strategy="sft")
+    assert sft.cut == 1 and len(sft.records) == 2 and cut["id"] not in {r["id"] for r in sft.records}
+    autonomous = [rollout("h", "auto", k, c, finish_reason=f) for k, (c, f) in
+                  enumerate([(1, "eos"), (0, "eos"), (1, "length"), (0, "length")])]
+    rl = run(rollouts[:8] + autonomous, strategy="rl")
+    assert rl.cut == 2 and {r["id"] for r in rl.records} == {"h:auto:0", "h:auto:1"}

@@ -259,3 +259,14 @@ def test_rl_on_policy_ratio_is_one_in_bf16_on_cuda(tmp_path, tiny):
     print(f"bf16 on-policy step 0: ratio {log[0]['ratio']:.6f} kl {log[0]['kl']:.2e} clipped {log[0]['clipped']:.4f}")
     assert log[0]["ratio"] == pytest.approx(1.0, abs=2e-2)
     assert log[0]["kl"] < 1e-3 and log[0]["clipped"] < 0.01
+
+
+def test_a_short_run_still_warms_up():
+    """Hand-checked schedule values: a one-step M-step takes a tenth of the peak (its warmup is warmup_steps long, not
+    3% of one step), a long warm start warms up over 3% of its steps, and both end on the cosine's floor."""
+    peak = 1e-4
+    assert train.learning_rate(0, 1, peak, 0.03, 0.1, 10) == pytest.approx(1e-5)
+    assert [train.learning_rate(s, 40, peak, 0.03, 0.1, 10) for s in (0, 4, 9)] == pytest.approx([1e-5, 5e-5, 1e-4])
+    assert train.learning_rate(39, 40, peak, 0.03, 0.1, 10) == pytest.approx(1e-5)
+    assert train.learning_rate(0, 3600, 4e-3, 0.03, 0.1, 10) == pytest.approx(4e-3 / 108)
+    assert train.learning_rate(107, 3600, 4e-3, 0.03, 0.1, 10) == pytest.approx(4e-3)
