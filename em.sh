@@ -33,7 +33,8 @@ FORM=${FORM:-argmax}            # reference strategy s*: posterior | tempered (t
                                 # argmax here: the softer forms follow the model's own π where both methods
                                 # succeed, which lets code creep into easy families (docs/TASK.md)
 EPOCHS=${EPOCHS:-2}             # M-step passes over the synthesized records
-LR=${LR:-1e-4}                  # M-step peak learning rate
+LR=${LR:-$([ -z "$MODEL" ] && echo 1e-4 || echo 1e-6)}   # M-step peak learning rate: 1e-4 for the 0.46M tiny model,
+                                # 1e-6 for a pretrained checkpoint (MODEL given), as RL recipes for 1.5-7B models use
 SFT_WEIGHT=${SFT_WEIGHT:-$([ "$STRATEGY" = rl ] && echo 0 || echo 1.0)}  # λ; RL-only has no D_s*, so no λ term.
                                 # The λ term keeps easy-family CoT sharp while RL moves the method choice
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-192}   # per response, tool output included (explore and evaluate)
@@ -51,6 +52,8 @@ CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: ex
                                 # processes side by side, one core each (the same records as one process), and the
                                 # M-step as one process on every core. A decode step of the tiny model is mostly
                                 # per-op overhead, which a second thread does not share
+WARM_MIN=${WARM_MIN:-0.75}       # the warm start's forced accuracy the demo needs, on each family where its method
+                                # is the right one (code on mul and chain, CoT on the others); below it, em.sh says so
 PYTHON=${PYTHON:-python}
 # -----------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ fi
 
 # Iteration 0: the starting checkpoint.
 mkdir -p "$RUN/iter_0"
+WARM_START=$([ -z "$MODEL" ] && echo 1 || echo 0)
 if [ -z "$MODEL" ]; then
     MODEL=$RUN/iter_0/model
     stage "warm start" "$MODEL/config.json" $PYTHON train.py --out="$MODEL" --seed="$SEED" $WARMSTART_ARGS
@@ -177,22 +181,30 @@ for ((i = 1; i <= ITERS; i++)); do
 done
 
 # runs/$NAME/summary.json: one object per evaluated checkpoint, and the table.
-$PYTHON - "$RUN" "$ITERS" <<'EOF'
+$PYTHON - "$RUN" "$ITERS" "$WARM_START" "$WARM_MIN" <<'EOF'
 import json, os, sys
 from jsonl import write_json_atomic
-from task import FAMILIES
+from task import EASY_FAMILIES, FAMILIES, HARD_FAMILIES
 
-run, iters = sys.argv[1], int(sys.argv[2])
+run, iters, warm_start, warm_min = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4])
 rows = []
 for i in range(iters + 1):
     path = os.path.join(run, f"iter_{i}", "eval", "summary.json")
     if os.path.exists(path):
         with open(path) as f:
             rows.append({"iteration": i, **json.load(f)})
-write_json_atomic(os.path.join(run, "summary.json"), rows)
 
 def pct(x, width=5):
     return "-".rjust(width) if x is None else f"{100 * x:{width}.1f}"
+
+# EM can only learn to choose between methods the warm start can carry out: forced code right where CoT is hopeless,
+# forced CoT right where it is reliable. A warm start that misses is named in summary.json and below.
+if warm_start and rows and rows[0]["iteration"] == 0:
+    wanted = [("code", f) for f in HARD_FAMILIES] + [("cot", f) for f in EASY_FAMILIES]
+    accuracy = {(m, f): rows[0].get(m, {}).get("by_family", {}).get(f, {}).get("accuracy") for m, f in wanted}
+    rows[0]["warm_start_misses"] = [f"forced {m} on {f}: {pct(a).strip()}%" for (m, f), a in accuracy.items()
+                                    if a is not None and a < warm_min]
+write_json_atomic(os.path.join(run, "summary.json"), rows)
 
 # The embedded task's families in their order (CoT reliable first, CoT hopeless last), then any others.
 seen = {f for r in rows for f in r.get("auto", {}).get("by_family", {})}
@@ -206,6 +218,14 @@ for r in rows:
           f"{pct(r.get('cot', {}).get('accuracy'))}  {pct(auto.get('selection_accuracy'))} |"
           f"       {auto.get('calls_per_problem', 0):4.2f}  {code.get('calls_per_problem', 0):4.2f} | "
           + " ".join(pct(by_family.get(f, {}).get("code_rate"), 10) for f in families))
+misses = rows[0].get("warm_start_misses") if rows else None
+if misses:
+    print(f"\nem.sh: THE WARM START MISSED ITS THRESHOLDS (forced accuracy below {pct(warm_min).strip()}%): "
+          f"{'; '.join(misses)}.\nEM cannot be expected to meet the demo's bars from it: try another SEED, or a "
+          f"longer warm start (WARMSTART_ARGS=--steps=N)")
+elif misses is not None:
+    print(f"warm start: forced code on {', '.join(HARD_FAMILIES)} and forced CoT on {', '.join(EASY_FAMILIES)} "
+          f"at least {pct(warm_min).strip()}%")
 print(f"wrote {os.path.join(run, 'summary.json')}")
 EOF
 # runs/$NAME/report.html and report.md: the same numbers as plots and tables, with s* per family and the stage times.

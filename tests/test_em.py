@@ -47,6 +47,14 @@ def test_em_sh_runs_resumes_and_summarises(tmp_path):
                 assert "accuracy" in cell and "code_rate" in cell
         assert "selection_accuracy" in row["auto"]
     assert "autonomous code rate" in second
+    # a 3-step warm start cannot carry out either method: em.sh names it, with each family it missed
+    misses = summary[0]["warm_start_misses"]
+    assert misses and all(m.startswith("forced ") and m.endswith(": 0.0%") for m in misses), misses
+    assert "THE WARM START MISSED ITS THRESHOLDS" in second and misses[0] in second
+    # a threshold it meets everywhere (0%) names nothing; the threshold is no knob of the stages: nothing reruns
+    passing = run_em(tmp_path, WARM_MIN="0")
+    assert "MISSED" not in passing and "at least 0.0%" in passing
+    assert json.loads((run / "summary.json").read_text())[0]["warm_start_misses"] == []
     assert (run / "report.html").exists() and (run / "report.md").exists()
 
     # the same run dir with another knob is refused, not resumed into a mix of two settings
