@@ -155,7 +155,8 @@ def memory_plan(config, world_size, fsdp, activation_checkpointing, cpu_offload,
     root_count, block_count = sum(math.prod(s) for s in root), max(sum(math.prod(s) for s in b) for b in blocks)
     # the dtypes of the step: residual stream r, matmul activations a, the fused kernel's operands k, gathered weights g
     r, a = (2 if fsdp else 4, 2) if cuda else (4, 4)
-    k = g = 2 if cuda and fsdp else 4   # unsharded and autocast, the final norm's output (the kernel's input) is fp32
+    # without FSDP, autocast leaves the final norm's output (the kernel's input) in fp32: the kernel runs in fp32
+    k = g = 2 if cuda and fsdp else 4
     persistent = {"parameters": 4 * local,            # fp32 master weights, AdamW updates these
                   "gradients": 4 * local,             # fp32, reduced over ranks
                   "optimizer": 8 * local + 4 * len(shapes)}   # AdamW's m and v in fp32, and a step count per tensor
@@ -185,11 +186,11 @@ def memory_plan(config, world_size, fsdp, activation_checkpointing, cpu_offload,
         kernel += k * (V * D + tokens * D + tile)
     per_gpu = {**({key: 0 for key in persistent} if cpu_offload else persistent),
                "gathered": gathered, "activations": tokens * per_token, "fused_kernel": kernel}
-    return {"architecture": config.architecture, "parameter_count": count, "blocks": len(blocks),
+    return {"architecture": config.architecture, "parameter_count": count, "blocks": len(blocks), "hidden_size": D,
             "block_parameters": block_count, "other_parameters": root_count, "world_size": world_size,
             "fsdp": fsdp, "activation_checkpointing": activation_checkpointing, "cpu_offload": cpu_offload,
             "device": "cuda" if cuda else "cpu", "micro_batch": micro_batch, "max_len": max_len,
-            "activation_bytes_per_token_per_block": per_layer, "bytes_per_gpu": per_gpu,
+            "activation_bytes_per_token_per_block": per_layer, "residual_bytes": r, "bytes_per_gpu": per_gpu,
             "total_per_gpu": sum(per_gpu.values()), "host_bytes": sum(persistent.values()) if cpu_offload else 0,
             "persistent_per_rank": persistent}
 
@@ -202,10 +203,13 @@ def describe(plan):
         gathered = f"{compute} copies of embedding and head (whole step) and 2 blocks; a block's gradient"
     else:
         gathered = "autocast's bf16 copies of the blocks' weights" if plan["device"] == "cuda" else "none on the CPU"
-    activations = (f"{plan['micro_batch'] * plan['max_len']} tokens x {plan['blocks']} blocks x "
-                   f"{plan['activation_bytes_per_token_per_block'] / 1024:.0f} KiB")
+    tokens, blocks = plan["micro_batch"] * plan["max_len"], plan["blocks"]
+    block = f"{plan['activation_bytes_per_token_per_block'] / 1024:.0f} KiB"
     if plan["activation_checkpointing"]:
-        activations += ", checkpointed: each block's input and one block whole"
+        block_input = plan["residual_bytes"] * plan["hidden_size"] / 1024
+        activations = f"{tokens} tokens x ({blocks} block inputs of {block_input:.0f} KiB + one block's {block})"
+    else:
+        activations = f"{tokens} tokens x {blocks} blocks x {block}"
     return {"parameters": "fp32 master weights" + shard, "gradients": "fp32" + shard,
             "optimizer": "AdamW's two fp32 moments" + shard, "gathered": gathered, "activations": activations,
             "fused_kernel": "the head's dW in fp32 (vocab x hidden), dH, logit tiles"}
