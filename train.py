@@ -31,6 +31,8 @@ without its end.
     python train.py --mode=rl --init=DIR --data=train.jsonl --out=DIR   # the M-step
     python train.py --mode=sft --init=DIR --data=train.jsonl --out=DIR  # SFT on records
     torchrun --nproc_per_node=N train.py ...                            # data parallel on N GPUs
+    torchrun --nproc_per_node=N train.py ... --fsdp=true                # the same, sharded (scale.py)
+    python train.py --plan=true --init=DIR --world_size=N --fsdp=true   # bytes per GPU, from config.json alone
 
 Log-probs of response tokens come from the fused kernel on the hidden states of the trainable
 positions only: [B,T,V] logits are never formed, and prompt, tool output and padding cost nothing.
@@ -55,6 +57,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import flags
+import scale
 from jsonl import iter_jsonl
 from logprobs import fused_logprobs
 from model import load, save
@@ -107,6 +110,17 @@ chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buff
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
 device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 log_every = 50           # print a loss line every this many steps
+# memory (README: On N GPUs; scale.py)
+fsdp = False             # shard the weights, gradients and AdamW state over the ranks (FSDP2) instead of a whole copy
+                         # on each rank (DDP); bf16 compute on CUDA, fp32 master weights and gradient reduction
+activation_checkpointing = False  # keep only each block's input for the backward and recompute the block there:
+                         # ~1/3 more compute, activations ~14x smaller on a 28-block Qwen2.5
+cpu_offload = False      # with --fsdp: weights, gradients and AdamW state in host memory, the optimizer step on the
+                         # CPU: a model too large for the GPUs fits, but every micro-batch copies the weights to the
+                         # GPU and the gradients back (README: On N GPUs)
+plan = False             # print the bytes per GPU of this run and exit: the model from --init's config.json (no
+                         # weights read), --world_size, --batch_size, --max_len and the flags above
+world_size = 0           # GPUs the --plan is for; 0 = this run's own (1 without torchrun)
 # ----------------------------------------------------------------------------- end of hyperparameters
 
 
@@ -119,6 +133,8 @@ def parse_args(argv=None):
                  f"ρ·A inside the clip range), or 0 for off")
     if args.temperature < 0:
         sys.exit(f"--temperature={args.temperature}: must be > 0, or 0 for the records' own")
+    if args.cpu_offload and not args.fsdp:
+        sys.exit("--cpu_offload=true needs --fsdp=true: it offloads FSDP's shards (on one GPU: a world of one)")
     return args
 
 
@@ -275,6 +291,20 @@ def token_logprobs(model, lm_weight, batch, temperature=1.0, chunk_size=256):
                               temperature=temperature, return_entropy=True)
 
 
+class Policy(torch.nn.Module):
+    """token_logprobs as one module's forward, network and output head together: what FSDP shards. Outside a
+    forward, FSDP leaves each rank 1/N of lm_head.weight (a DTensor shard); inside the forward of the module that
+    owns it, the weight is gathered whole, so the fused kernel runs here, on the whole [V, D] head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, trainable, temperature, chunk_size):
+        batch = {"input_ids": input_ids, "trainable": trainable}
+        return token_logprobs(self.model, self.model.lm_head.weight, batch, temperature, chunk_size)
+
+
 def m_step_loss(logprobs, behaviour_logprobs, advantages, sft, n_tokens, clip_eps=0.2, sft_weight=1.0,
                 dual_clip=3.0):
     """L(θ) of the module docstring on N trainable tokens (all arguments [N], sft a bool mask):
@@ -349,13 +379,18 @@ def training_examples(args, tokenizer, max_len):
     return kept, sampling, too_long
 
 
-def setup_device(requested):
+def setup_device(requested, fsdp=False):
     """(distributed, rank, world_size, device). Data parallel only when launched by torchrun (WORLD_SIZE
-    set); a plain run stays single-process."""
-    distributed = "WORLD_SIZE" in os.environ
+    set); a plain run stays single-process, except under FSDP, which needs a process group even alone (one
+    GPU with --cpu_offload): a world of one."""
+    distributed = "WORLD_SIZE" in os.environ or fsdp
     rank, world_size = 0, 1
     if distributed:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         rank, world_size = dist.get_rank(), dist.get_world_size()
     device = requested
     if device == "auto":
@@ -364,6 +399,29 @@ def setup_device(requested):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     return distributed, rank, world_size, device
+
+
+def wrap_model(model, args, distributed, device):
+    """(what each micro-batch runs through, the output head's weight for token_logprobs, or None where that module
+    runs the head itself). FSDP: the Policy sharded; DDP: the model replicated; one process: the model."""
+    if args.activation_checkpointing:
+        scale.checkpoint_blocks(model)
+    if args.fsdp:
+        return scale.shard(Policy(model), model.layers, device, args.cpu_offload), None
+    lm_weight = model.lm_head.weight  # the [V,D] output matrix (the embedding itself when tied)
+    if distributed:
+        # the gradients are views into DDP's all-reduce buckets, not a second copy of them: 4 bytes a parameter less
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
+    return model, lm_weight
+
+
+def memory_plan(args, config, world_size, device):
+    """scale.memory_plan for this run's model, world size and flags (--plan: for --world_size GPUs)."""
+    max_len = args.max_len or config.max_position_embeddings
+    return scale.memory_plan(config, world_size, args.fsdp, args.activation_checkpointing, args.cpu_offload,
+                             math.ceil(args.batch_size / max(1, args.pad_split)), max_len,
+                             cuda=device.startswith("cuda"), chunk_size=args.chunk_size)
 
 
 def make_optimizer(model, args, peak_lr, device):
@@ -382,15 +440,21 @@ def accumulate_gradients(trained_model, lm_weight, micro_batches, n_tokens, args
     """Forward and backward of every micro-batch of one optimizer step; returns their summed stats."""
     step_stats = {}
     for i, batch in enumerate(micro_batches):
-        # Gradients are exchanged between ranks once per step, on the last micro-batch.
-        sync = trained_model.no_sync() if distributed and i < len(micro_batches) - 1 else nullcontext()
+        # DDP exchanges gradients once per step, on the last micro-batch. FSDP reduce-scatters every micro-batch:
+        # skipping it would keep each rank's whole unsharded gradient, the memory FSDP is there to save.
+        last = i == len(micro_batches) - 1
+        sync = trained_model.no_sync() if distributed and not args.fsdp and not last else nullcontext()
         with sync, autocast:
-            logprobs, entropy = token_logprobs(trained_model, lm_weight, batch, args.temperature, args.chunk_size)
+            if lm_weight is None:  # the sharded Policy: the head runs inside its forward
+                logprobs, entropy = trained_model(batch["input_ids"], batch["trainable"], args.temperature,
+                                                  args.chunk_size)
+            else:
+                logprobs, entropy = token_logprobs(trained_model, lm_weight, batch, args.temperature, args.chunk_size)
             trainable = batch["trainable"][:, 1:]
             loss, stats = m_step_loss(logprobs, batch["behaviour_logprobs"][:, 1:][trainable],
                                       batch["advantages"][:, 1:][trainable], batch["sft"][:, 1:][trainable],
                                       n_tokens, clip_eps, sft_weight, dual_clip)
-        # DDP averages gradients over ranks; the loss is already normalised by the global token
+        # DDP and FSDP average gradients over ranks; the loss is already normalised by the global token
         # count, so scale back up to get the sum.
         (loss * world_size).backward()
         stats["loss"] = loss.item()
@@ -426,15 +490,36 @@ def log_line(log, step, total_steps, every, mode):
     return line + f" grad {mean['grad_norm']:.2f} tok/s {mean['tokens_per_s']:.0f}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    distributed, rank, world_size, device = setup_device(args.device)
-    master = rank == 0
+def print_plan(args):
+    """--plan: the memory plan of a run of --init on --world_size GPUs (bf16, unless --device=cpu), printed and
+    returned. Only config.json is read: no weights are loaded, nothing is trained."""
+    plan = memory_plan(args, scale.read_config(args.init), args.world_size or 1,
+                       "cpu" if args.device == "cpu" else "cuda")
+    print(scale.format_plan(plan))
+    return plan
+
+
+def announce(args, world_size, device, master):
+    """Rank 0 prints the flags and the run's memory plan, before the weights are loaded: a run that will not fit
+    says so first. Returns {"memory_plan": plan}, for train_config.json."""
+    memory = {"memory_plan": memory_plan(args, scale.read_config(args.init), world_size, device)}
     if master:
         print(json.dumps(vars(args)))
+        print(scale.format_plan(memory["memory_plan"]))
+    return memory
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plan:
+        return print_plan(args), []
+    distributed, rank, world_size, device = setup_device(args.device, args.fsdp)
+    master = rank == 0
+    memory = announce(args, world_size, device, master)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load(args.init, device=device, seed=args.seed)
+    # FSDP: loaded in host memory; sharding moves each rank's part to its GPU
+    model, tokenizer = load(args.init, device="cpu" if args.fsdp else device, seed=args.seed)
     max_len = args.max_len or model.config.max_position_embeddings
     peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
 
@@ -457,11 +542,7 @@ def main(argv=None):
     stream = batches(examples[rank::world_size] or examples, args.batch_size, random.Random(args.seed + rank),
                      args.length_window)
 
-    lm_weight = model.lm_head.weight  # the [V,D] output matrix (the embedding itself when tied)
-    trained_model = model
-    if distributed:
-        trained_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.startswith("cuda") else None)
+    trained_model, lm_weight = wrap_model(model, args, distributed, device)
     optimizer, params = make_optimizer(model, args, peak_lr, device)
     # bf16 autocast on CUDA, as explore.py's default dtype samples there, so that ρ ≈ 1 at θ = θ_b. The gap that
     # remains (the sampler runs bf16 weights end to end, this runs fp32 master weights cast per matmul, with
@@ -489,6 +570,8 @@ def main(argv=None):
                                           sft_weight, dual_clip, distributed, world_size, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
+        if step == 0:  # the plan's first three terms as allocated, before the gradients are cleared
+            memory["memory_allocated"] = scale.allocated_bytes(model, optimizer, device)
         optimizer.zero_grad(set_to_none=True)
 
         log.append(log_entry(step, lr_now, step_stats, grad_norm.item(), world_size, time.time() - t_step, args.mode))
@@ -497,10 +580,11 @@ def main(argv=None):
             tqdm.write(log_line(log, step, total_steps, args.log_every, args.mode))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
 
+    model = scale.gather_full_model(model) if args.fsdp else model  # every rank takes part; rank 0 gets it whole
     if master:
         # args.temperature is the T used (resolved from the records when the flag was 0)
         save_run(model, tokenizer, {**vars(args), "behaviour_sampling": sampling, "examples": len(examples),
-                                    "dropped_too_long": too_long}, log)
+                                    "dropped_too_long": too_long, **memory}, log)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
