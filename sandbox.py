@@ -40,8 +40,10 @@ The isolation layers, in the order they are applied:
 4. As root, a memory cgroup bounds the whole tree (RLIMIT_AS bounds each process only).
 5. rlimits: CPU time, file size, open files, processes, no core dumps.
 6. As root, the child switches to a uid of its own (so RLIMIT_NPROC counts and file permissions
-   apply) keeping only CAP_DAC_READ_SEARCH, so an interpreter under /root stays importable; as root
-   of a user namespace it drops every capability. Then no_new_privs.
+   apply) and keeps no capability, not even in its bounding set; as root of a user namespace it
+   drops every capability too. Then no_new_privs. An interpreter below a dir other users may not
+   enter (a pyenv under a 0700 /root) stays importable: in the launcher's own mount namespace, that
+   dir is covered by one that holds just the interpreter's dirs.
 7. Landlock, by ABI version. ABI >= 1 (files): writing only inside the work dir (and /dev/null, the
    private /dev/shm), reading and executing only below the system's and Python's own dirs
    (truncate(2) is covered from ABI 3 on). ABI >= 4 (TCP): no bind or connect on any port.
@@ -52,20 +54,33 @@ The isolation layers, in the order they are applied:
 
 Where the kernel refuses a layer, the launcher runs without it, and the trainer warns once.
 
+Nothing outlives its owner. A run dies with its launcher, whatever kills the launcher (the run's
+PR_SET_PDEATHSIG, set after its uid switch, which clears it). A launcher ends with its trainer (EOF
+on its pipe, seen between runs) and on SIGINT, SIGTERM or SIGHUP: it kills its run, removes its dirs
+and cgroup, then dies of that signal, so Ctrl-C leaves nothing behind and the trainer gets its
+KeyboardInterrupt. After a SIGKILL (or the OOM killer) the next launcher removes what it left: the
+names carry the owner's pid and start time, so a dead owner is told from a reused pid.
+
 CLI:  python sandbox.py FILE.py          run a file, print the Result as JSON
       python sandbox.py --bench          throughput vs naive `subprocess.run([python, "-c", code])`
+      python sandbox.py --soak N         N mixed runs (ok, errors, timeouts, memory and fork bombs,
+                                         floods), then: nothing leaked, launcher RSS flat
 """
 
 import argparse
 import atexit
+import collections
 import ctypes
 import dataclasses
+import errno
 import gc
 import json
 import os
 import re
 import select
+import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -139,19 +154,23 @@ def run(code: str, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, **other
     launcher = None
     try:
         launcher = _checkout()
+        with _pool_lock:
+            _busy.add(launcher)
         _send(launcher.proc.stdin.fileno(), {"code": str(code), "limits": limits})
         answer = launcher.receive(timeout=limits["setup_timeout"] + limits["timeout"] + 20)
         result = Result(**answer)
     except BaseException as e:
         if launcher:
-            launcher.close(graceful=False)
-            launcher = None
+            launcher.close(graceful=False)  # it kills the run and removes its dirs before it exits
         if isinstance(e, KeyboardInterrupt):
             raise
         result = Result(status="sandbox_error", error=f"SandboxError: {type(e).__name__}: {e}")
-    if launcher:
-        with _pool_lock:
-            _idle.append(launcher)
+        if launcher and launcher.stopped_by_signal():  # Ctrl-C, or run_many stopping it: not a failure
+            result.error = "SandboxError: interrupted"
+            return result
+    finally:
+        if launcher:
+            _release(launcher)
     if result.status == "sandbox_error":
         with _pool_lock:
             sandbox_errors += 1
@@ -161,12 +180,26 @@ def run(code: str, timeout: float = TIMEOUT, memory_mb: int = MEMORY_MB, **other
 
 def run_many(codes: list, workers: int | None = None, **limits) -> list:
     """run() each code, `workers` at a time (default: one per CPU); results in input order."""
-    codes = list(codes)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(codes) or 1))
+    return _run_all([(code, limits) for code in codes], workers)
+
+
+def _run_all(jobs, workers=None):
+    """run(code, **limits) for each (code, limits) of jobs, `workers` at a time; results in input order. On Ctrl-C
+    the worker threads, which never see the KeyboardInterrupt, are stopped too: their launchers get SIGTERM."""
+    jobs = list(jobs)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     if workers == 1:
-        return [run(code, **limits) for code in codes]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda code: run(code, **limits), codes))
+        return [run(code, **limits) for code, limits in jobs]
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return list(pool.map(lambda job: run(job[0], **job[1]), jobs))
+    except KeyboardInterrupt:
+        with _pool_lock:
+            for launcher in _busy:
+                launcher.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -237,11 +270,20 @@ LAUNCHER_ENV = dict(CHILD_ENV, PYTHONMALLOC="malloc", GLIBC_TUNABLES="glibc.mall
 
 
 class Launcher:
+    """One launcher process. hello: what it reported once set up: features (the protections it has), notes (those it
+    lacks), uid (its runs' uid, 0 as non-root), pid (the process that serves, as this machine's /proc shows it) and
+    base (the dir its runs' work dirs are made in)."""
+
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "--launcher"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=LAUNCHER_ENV, close_fds=True)
-        _send(self.proc.stdin.fileno(), {"sys_path": [p for p in sys.path if p], "disable": list(DISABLE)})
-        self.hello = self.receive(timeout=120)
+        try:
+            _send(self.proc.stdin.fileno(), {"sys_path": [p for p in sys.path if p], "disable": list(DISABLE),
+                                             "preload": list(PRELOAD)})
+            self.hello = self.receive(timeout=120)
+        except BaseException:
+            self.close(graceful=False)
+            raise
 
     def receive(self, timeout):
         fd = self.proc.stdout.fileno()
@@ -249,17 +291,33 @@ class Launcher:
             raise TimeoutError("launcher did not answer")
         return _recv(fd)
 
+    def stop(self):
+        """SIGTERM: the launcher kills its run, removes its work dirs and cgroup, and exits (not waited for here)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
     def close(self, graceful=True):
-        """EOF on its stdin makes the launcher remove its work dirs and cgroup and exit."""
+        """Graceful: EOF on its stdin, which an idle launcher answers by removing its work dirs and cgroup and
+        exiting. Otherwise (a run cut short) SIGTERM first. SIGKILL if either takes more than 2 s."""
         try:
             self.proc.stdin.close()
-            self.proc.wait(timeout=2 if graceful else 0)
-        except Exception:
+        except OSError:
+            pass
+        if not graceful:
+            self.stop()
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.proc.stdout.close()
+
+    def stopped_by_signal(self):
+        return self.proc.poll() in [-s for s in STOP_SIGNALS]
 
 
-_idle = []
+_idle = []   # launchers waiting for a run
+_busy = set()  # launchers running one
 _pool_lock = threading.Lock()
 _pool_pid = None
 _warned = False
@@ -270,6 +328,7 @@ def _checkout():
     with _pool_lock:
         if _pool_pid != os.getpid():  # after a fork of the trainer, the launchers are not ours
             _idle.clear()
+            _busy.clear()
             _pool_pid = os.getpid()
         while _idle:
             launcher = _idle.pop()
@@ -281,6 +340,13 @@ def _checkout():
         print("sandbox.py: WARNING, weaker isolation on this machine:\n  " + "\n  ".join(launcher.hello["notes"]),
               file=sys.stderr)
     return launcher
+
+
+def _release(launcher):
+    with _pool_lock:
+        _busy.discard(launcher)
+        if launcher.proc.returncode is None and not launcher.proc.stdin.closed:
+            _idle.append(launcher)
 
 
 @atexit.register
@@ -316,28 +382,123 @@ def _recv(fd):
 # The launcher: a pre-started interpreter that sets up once what its runs share, then forks one
 # limited child per request
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """Raised in the launcher by a stop signal: the `finally`s on the way out kill the run and remove what we made."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    _ignore_stop_signals()  # once: a second Ctrl-C must not cut the cleanup short
+    raise _Stopped(signum)
+
+
+def _ignore_stop_signals():
+    for sig in STOP_SIGNALS:  # a handler that does nothing, not SIG_IGN: one already on its way still finds a handler
+        signal.signal(sig, lambda signum, frame: None)
+
+
+_owner = ""     # "pid-starttime" of this launcher, in the names of what it makes
+_made = {}      # what it made, removed on its way out: "base" (a dir), "base_mounted", "cgroup"
+_lifeline = ()  # a pipe whose write end only the launcher holds: at EOF in a child, the launcher is gone
+
+
 def launcher_main():
-    """Entry point of `python sandbox.py --launcher`. It exits when the trainer closes the pipe or
-    dies (EOF). Not PR_SET_PDEATHSIG: that fires when the trainer's *thread* that started us ends,
-    e.g. a run_many worker thread."""
-    hello = _recv(0)
-    sys.path[:] = hello["sys_path"]
-    disable = set(hello["disable"])
-    notes = []  # what could not be set up, reported once to the trainer
-    features = {}
-    is_root = os.geteuid() == 0  # asked before the user namespace, inside which we are root
-    _enter_namespaces(features, notes, disable, is_root)
-    _find_protections(features, notes, disable, is_root)
-    run_uid = UID_BASE + os.getpid() if is_root else 0
-    _preload()
-    base = _make_base_dir()
-    _keep_protections_that_work(features, notes, disable, base, run_uid)
-    _send(1, {"features": features, "notes": notes, "uid": run_uid})
-    _serve(base, features, run_uid)
-    libc.umount2(base.encode(), 2)  # MNT_DETACH
-    os.rmdir(base)
-    if "cgroup" in features:
-        os.rmdir(features["cgroup"][0])
+    """Entry point of `python sandbox.py --launcher`. It exits when the trainer closes the pipe or dies (EOF), or on
+    a stop signal (then it dies of that signal), removing its dirs and cgroup either way. Not PR_SET_PDEATHSIG for
+    the launcher: that fires when the trainer's *thread* that started us ends, e.g. a run_many worker thread."""
+    global _owner, _lifeline
+    for sig in STOP_SIGNALS:  # what nohup or a shell's `&` ignores stays ignored, except SIGTERM, our own stop
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _stop)
+    atexit.register(_remove_what_we_made)
+    try:
+        _owner = _owner_tag(os.getpid())  # before any namespace: the pid all of the machine sees
+        _remove_stale_dirs()
+        hello = _recv(0)
+        sys.path[:] = hello["sys_path"]
+        disable = set(hello["disable"])
+        notes = []  # what could not be set up, reported once to the trainer
+        features = {}
+        is_root = os.geteuid() == 0  # asked before the user namespace, inside which we are root
+        _enter_namespaces(features, notes, disable, is_root)
+        _lifeline = os.pipe()
+        python_paths = sorted({os.path.realpath(p) for p in (
+            sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+            *sys.path) if os.path.exists(p)})
+        _find_protections(features, notes, disable, is_root, python_paths)
+        run_uid = UID_BASE + os.getpid() if is_root else 0
+        _preload(hello["preload"])
+        base, own_mount_ns = _make_base_dir()
+        if run_uid:
+            _open_to_runs(features, notes, [*python_paths, base], own_mount_ns)
+        _keep_protections_that_work(features, notes, disable, base, run_uid)
+        _send(1, {"features": features, "notes": notes, "uid": run_uid, "pid": int(os.readlink("/proc/self")),
+                  "base": base})
+        _serve(base, features, run_uid)
+    except _Stopped as stop:
+        _remove_what_we_made()
+        signal.signal(stop.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)  # die of it, as its sender (a shell, a process manager) expects
+        os._exit(128 + stop.signum)  # PID 1 of a namespace cannot: the process above it will (see below)
+    finally:
+        _remove_what_we_made()
+
+
+def _remove_what_we_made():
+    """Our work dirs and cgroup (a run, if any, is already dead: execute's `finally` saw to it). Idempotent."""
+    _ignore_stop_signals()
+    if "base" in _made:
+        if _made.get("base_mounted"):
+            libc.umount2(_made["base"].encode(), 2)  # MNT_DETACH
+        shutil.rmtree(_made["base"], ignore_errors=True)
+    if "cgroup" in _made:
+        remove_cgroup(_made["cgroup"])
+    _made.clear()
+
+
+def _owner_tag(pid):
+    """'pid-starttime' of a process: a pid alone may since have been given to another process."""
+    return f"{pid}-{_stat_fields(pid)[19]}"  # field 22, starttime
+
+
+def _stat_fields(pid):
+    """/proc/PID/stat from its third field (state) on."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _owner_gone(tag):
+    """Whether the launcher named by `tag` ('pid-starttime', or a bare pid in older names) has ended."""
+    pid, _, start = tag.partition("-")
+    try:
+        fields = _stat_fields(int(pid))
+    except FileNotFoundError:
+        return True
+    except OSError:  # cannot tell (e.g. /proc mounted hidepid): leave it
+        return False
+    return fields[0] in "ZX" or bool(start) and fields[19] != start  # a zombie runs no code; or the pid was reused
+
+
+def _remove_stale_dirs():
+    """The base dirs of our own launchers that were killed (SIGKILL, the OOM killer) before they could remove them."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        match = re.fullmatch(r"tocode-sandbox-(\d+(?:-\d+)?)-\w{8}", name)
+        if not match:
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and _owner_gone(match[1]):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _enter_namespaces(features, notes, disable, is_root):
@@ -367,9 +528,7 @@ def _enter_namespaces(features, notes, disable, is_root):
             # We may only return (setns) to a PID namespace our user namespace owns: so the
             # launcher proper becomes PID 1 of one of its own, and this process just waits.
             unshare(CLONE_NEWPID)
-            if os.fork():
-                os.wait()
-                os._exit(0)
+            _become_pid1_of_own_namespace()
             _own_pid_ns()
         unshare(CLONE_NEWPID)
         setns(_own_pid_ns(), CLONE_NEWPID)
@@ -378,14 +537,38 @@ def _enter_namespaces(features, notes, disable, is_root):
         notes.append(f"no PID namespace ({e.strerror}): escaped processes are swept by a subreaper instead")
 
 
-def _find_protections(features, notes, disable, is_root):
+def _become_pid1_of_own_namespace():
+    """fork(): the child, PID 1 of the namespace just unshared, goes on as the launcher proper; this process (the
+    one the trainer started) only passes the stop signals on, waits, and ends as the child did, dying of the stop
+    signal the child exited 128 + of. The child dies with it: if this process is SIGKILLed, PID 1 is, and with it
+    the namespace, every run included."""
+    lifeline_r, lifeline_w = os.pipe()
+    launcher = os.fork()
+    if launcher == 0:
+        os.close(lifeline_w)
+        die_with_parent(lifeline_r)
+        return
+    os.close(lifeline_r)
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, lambda signum, frame: os.kill(launcher, signum))
+    code = os.waitstatus_to_exitcode(os.waitpid(launcher, 0)[1])
+    signum = -code if code < 0 else code - 128 if code - 128 in STOP_SIGNALS else 0
+    if signum:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    os._exit(code & 0xFF)
+
+
+def _find_protections(features, notes, disable, is_root, python_paths):
     """The other protections this kernel offers (kept or dropped by the probe that follows): a
     mount namespace, the memory cgroup, Landlock, seccomp. Also makes us the child subreaper."""
     features["mount_ns"] = True  # kept if the probe can make one
     try:
         if "cgroup" in disable or not is_root:
             raise OSError(0, "disabled" if is_root else "not root")
-        features["cgroup"] = make_memory_cgroup()
+        features["cgroup"] = make_memory_cgroup(_owner)
+        _made["cgroup"] = features["cgroup"][0]
     except (OSError, StopIteration) as e:
         notes.append(f"no memory cgroup ({getattr(e, 'strerror', e)}): memory is bounded per process only "
                      f"(RLIMIT_AS x PROCESSES)")
@@ -393,17 +576,19 @@ def _find_protections(features, notes, disable, is_root):
     abi = landlock_abi()
     if abi:
         features["landlock"] = abi
-        python_paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-        features["readable"] = sorted({os.path.realpath(p) for p in (*READABLE, *python_paths, *sys.path)
-                                      if os.path.exists(p)})
+        features["readable"] = sorted({os.path.realpath(p) for p in (*READABLE, *python_paths) if os.path.exists(p)})
     else:
         notes.append("no Landlock: files outside the work dir are protected only by file permissions")
-    if ARCH:
+    if SECCOMP_ARCH:
         features["seccomp"] = True
+    else:
+        notes.append(f"no seccomp filter on this architecture ({MACHINE}; its syscall numbers are known here for "
+                     f"x86_64 and aarch64 only): socket(2) is not refused, so unix sockets elsewhere on the machine "
+                     f"are reachable where file permissions allow")
 
 
-def _preload():
-    for name in PRELOAD:  # a failed optional import is the snippet's problem later, not ours
+def _preload(names):
+    for name in names:  # a failed optional import is the snippet's problem later, not ours
         try:
             __import__(name)
         except Exception:
@@ -414,22 +599,81 @@ def _preload():
 
 def _make_base_dir():
     """The dir the runs' work dirs are made in: on a tmpfs of ours where we can mount one, as
-    rmdir on ext4 can take ms. Also removes those left by launchers that were killed."""
-    for name in os.listdir(tempfile.gettempdir()):
-        if re.fullmatch(r"tocode-sandbox-(\d+)-\w+", name) and not os.path.exists(f"/proc/{name.split('-')[2]}"):
-            try:
-                os.rmdir(os.path.join(tempfile.gettempdir(), name))
-            except OSError:
-                pass
-    base = tempfile.mkdtemp(prefix=f"tocode-sandbox-{os.getpid()}-")
+    rmdir on ext4 can take ms. Its name carries our pid and start time, so that a later launcher
+    can tell a dead owner. Returns (base, whether we have a private mount namespace)."""
+    base = tempfile.mkdtemp(prefix=f"tocode-sandbox-{_owner}-")
+    _made["base"] = base
     os.chmod(base, 0o711)  # the run's uid must be able to reach its work dir
     try:
         unshare(CLONE_NEWNS)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
+    except OSError:
+        return base, False
+    try:
         mount("tocode", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0711")
+        _made["base_mounted"] = True
     except OSError:
         pass
-    return base
+    return base, True
+
+
+def _open_to_runs(features, notes, paths, own_mount_ns):
+    """A root run has no capability, so it reaches a file only through dirs other users may enter.
+    Where Python's dirs (or our base dir) lie below one they may not (a pyenv under a 0700 /root),
+    cover that dir, in our own mount namespace (the runs get a copy, nobody else sees it), with a
+    tmpfs others may enter holding bind mounts of just the entries on the way. If that cannot be
+    done, the runs keep CAP_DAC_READ_SEARCH, and the trainer is told what that means. (A dir that
+    is itself closed to others stays closed: that is its owner's choice.)"""
+    def blockers():  # {closed dir: the names below it on the way to our paths}
+        found = {}
+        for path in paths:
+            blocker = _closed_on_the_way(path)
+            if blocker and blocker != path:
+                found.setdefault(blocker, set()).add(path[len(blocker):].strip("/").split("/")[0])
+        return found
+
+    for _ in range(16):  # each pass opens the first closed dir on the way to each path
+        closed = blockers()
+        if not closed or not own_mount_ns:
+            break
+        try:
+            for directory, names in closed.items():
+                _cover(directory, names)
+        except OSError:
+            break
+    closed = blockers()
+    if closed:
+        features["read_search"] = True
+        notes.append(f"runs keep CAP_DAC_READ_SEARCH, as {min(closed)} is closed to other users: a run can read "
+                     f"every file on this machine" + (" that Landlock allows (the system's dirs, /etc included)"
+                                                        if "landlock" in features else ""))
+
+
+def _closed_on_the_way(path):
+    """The first dir on the way to `path`, itself included, that other users may not enter; or None."""
+    here = "/"
+    for part in [""] + path.strip("/").split("/"):
+        here = os.path.join(here, part)
+        if not os.stat(here).st_mode & stat.S_IXOTH:
+            return here
+    return None
+
+
+def _cover(directory, names):
+    """Mount over `directory` a tmpfs others may enter, holding bind mounts of its entries `names`."""
+    keep = {name: os.open(os.path.join(directory, name), os.O_PATH | os.O_CLOEXEC) for name in names}
+    try:
+        mount("tocode", directory, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0711")
+        for name, fd in keep.items():
+            target = os.path.join(directory, name)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY))
+            mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+    finally:
+        for fd in keep.values():
+            os.close(fd)
 
 
 def _keep_protections_that_work(features, notes, disable, base, run_uid):
@@ -446,8 +690,10 @@ def _keep_protections_that_work(features, notes, disable, base, run_uid):
             features[name] = value
         else:
             if name == "cgroup":
-                os.rmdir(value[0])
+                remove_cgroup(_made.pop("cgroup"))
             notes.append(f"could not set up {name} ({probe['error']}): running without it")
+    if "mount_ns" not in features and not _made.get("base_mounted"):
+        notes.append("no tmpfs for the work dirs: a run's disk use is bounded per file only (RLIMIT_FSIZE)")
 
 
 def _serve(base, features, run_uid):
@@ -457,7 +703,10 @@ def _serve(base, features, run_uid):
             request = _recv(0)
         except EOFError:
             break
-        _send(1, execute_safely(request, base, features, run_uid))
+        try:
+            _send(1, execute_safely(request, base, features, run_uid))
+        except BrokenPipeError:  # the trainer died during the run
+            break
 
 
 # -----------------------------------------------------------------------------
@@ -472,26 +721,49 @@ def execute_safely(request, base, features, run_uid):
 
 
 def execute(request, base, features, run_uid):
-    """One run: fork the child, feed its output through a byte cap, enforce the clock, kill, reap."""
+    """One run: fork the child, feed its output through a byte cap, enforce the clock, kill, reap.
+    Whatever fails or stops us on the way, nothing of the run stays: no process, pipe or work dir."""
     limits = request["limits"]
     if "cgroup" in features:  # the tree's new pages: the snippet's memory, its files in tmpfs, some slack
         group, limit_file, events_file = features["cgroup"]
         with open(f"{group}/{limit_file}", "w") as f:
             f.write(str((limits["memory_mb"] + 2 * limits["disk_mb"] + 64) << 20))
         oom_before = oom_kills(group, events_file)
+    if "mount_ns" not in features and _made.get("base_mounted"):
+        # No tmpfs of the run's own: its work dir is on ours, which gets the run's budget.
+        mount("tocode", base, "tmpfs", MS_REMOUNT | MS_NOSUID | MS_NODEV,
+              f"size={limits['disk_mb']}m,nr_inodes={limits['max_files'] + 2},mode=0711")
     workdir = tempfile.mkdtemp(dir=base)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    status_r, status_w = os.pipe()
-    start = time.monotonic()
-    pid = _fork_child(request, workdir, features, run_uid, (out_w, err_w, status_w), (out_r, err_r, status_r))
-    verdict, stdout, stderr, status_msg, wait_status, usage = _watch(pid, out_r, err_r, status_r, start, limits, features)
-    elapsed = time.monotonic() - start
+    pid = None
+    ours = {}  # our ends of the pipes, by inode: closed below if _watch could not close them
     try:
-        os.rmdir(workdir)  # the tmpfs was on top of it; it is empty again
-    except OSError:
-        import shutil
-        shutil.rmtree(workdir, ignore_errors=True)
+        out_r, out_w = os.pipe()
+        ours[out_r] = os.fstat(out_r).st_ino
+        err_r, err_w = os.pipe()
+        ours[err_r] = os.fstat(err_r).st_ino
+        status_r, status_w = os.pipe()
+        ours[status_r] = os.fstat(status_r).st_ino
+        start = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop signal must not come between fork and pid =
+        try:
+            pid = _fork_child(request, workdir, features, run_uid, (out_w, err_w, status_w))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        verdict, stdout, stderr, status_msg, wait_status, usage = _watch(pid, out_r, err_r, status_r, start, limits,
+                                                                         features)
+    except BaseException:
+        if pid is not None:
+            _kill_and_reap(pid, features)
+        raise
+    finally:
+        for fd, inode in ours.items():
+            try:
+                if os.fstat(fd).st_ino == inode:
+                    os.close(fd)
+            except OSError:
+                pass
+        _remove_workdir(workdir)
+    elapsed = time.monotonic() - start
     cap = limits["output_bytes"]
     result = dict(stdout=bytes(stdout[:cap]).decode("utf-8", "replace"),
                   stderr=bytes(stderr[:cap]).decode("utf-8", "replace"),
@@ -501,10 +773,16 @@ def execute(request, base, features, run_uid):
     return _classify(result, verdict, status_msg, wait_status, usage, limits)
 
 
-def _fork_child(request, workdir, features, run_uid, child_fds, parent_fds):
+def _remove_workdir(workdir):
+    try:
+        os.rmdir(workdir)  # the tmpfs was on top of it; it is empty again
+    except OSError:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fork_child(request, workdir, features, run_uid, child_fds):
     """fork() the child, PID 1 of a fresh PID namespace where we may; close the child's ends of
-    the pipes here. If fork() fails, close ours too, remove the work dir and raise."""
-    pid = None
+    the pipes here, whether fork() worked or not."""
     try:
         if "pid_ns" in features:
             unshare(CLONE_NEWPID)  # the next fork() is PID 1 of a fresh namespace ...
@@ -516,11 +794,23 @@ def _fork_child(request, workdir, features, run_uid, child_fds, parent_fds):
             setns(_own_pid_ns(), CLONE_NEWPID)  # ... and only that one
         for fd in child_fds:
             os.close(fd)
-        if pid is None:  # fork() failed
-            for fd in parent_fds:
-                os.close(fd)
-            os.rmdir(workdir)
     return pid
+
+
+def _kill_and_reap(pid, features):
+    """After _watch failed or was stopped: the child killed and reaped unless it already was, and
+    without a PID namespace its orphans too."""
+    try:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running; not reaped, so the pid is still the child's
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # _watch reaped it
+    if "pid_ns" not in features:
+        sweep()
+
+
+POLL_S = 0.01  # without a pidfd, how often _watch asks whether the child has exited
 
 
 def _watch(pid, out_r, err_r, status_r, start, limits, features):
@@ -528,28 +818,34 @@ def _watch(pid, out_r, err_r, status_r, start, limits, features):
     pipes reach EOF), the clock runs out, or the output passes the cap; then kill the whole tree
     and reap it. Returns (verdict or None, stdout bytes, stderr bytes, the child's setup message,
     wait status, rusage); stdout and stderr hold at most one byte over the cap."""
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # EMFILE, or ENOSYS before Linux 5.3: then we ask every POLL_S whether it exited
+        pidfd = None
     outputs = {out_r: bytearray(), err_r: bytearray()}
-    open_fds = [out_r, err_r, status_r, pidfd]
+    open_fds = [out_r, err_r, status_r] + ([pidfd] if pidfd is not None else [])
     status_msg = bytearray()
     deadline = start + limits["setup_timeout"]  # the snippet's clock starts when setup reports "R"
     started = False
     cap = limits["output_bytes"]
     verdict = None
     exited = False
-    while open_fds and verdict is None:
+    while (open_fds or not exited) and verdict is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             verdict = "timeout"
             break
-        ready, _, _ = select.select(open_fds, [], [], remaining)
+        ready, _, _ = select.select(open_fds, [], [], remaining if pidfd is not None else min(remaining, POLL_S))
+        if not exited and (pidfd in ready if pidfd is not None else
+                           os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None):
+            exited = True
+            if pidfd is not None:
+                open_fds.remove(pidfd)
+            _, wait_status, usage = os.wait4(pid, 0)
+            if "pid_ns" not in features:
+                sweep()  # without a PID namespace, escaped descendants could hold the pipes open
         for fd in ready:
             if fd == pidfd:
-                exited = True
-                open_fds.remove(pidfd)
-                _, wait_status, usage = os.wait4(pid, 0)
-                if "pid_ns" not in features:
-                    sweep()  # without a PID namespace, escaped descendants could hold the pipes open
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
@@ -570,7 +866,7 @@ def _watch(pid, out_r, err_r, status_r, start, limits, features):
     if "pid_ns" not in features:
         sweep()
     status_msg += _read_nonblocking(status_r)
-    for fd in (out_r, err_r, status_r, pidfd):
+    for fd in (out_r, err_r, status_r) + ((pidfd,) if pidfd is not None else ()):
         os.close(fd)
     return verdict, outputs[out_r], outputs[err_r], status_msg, wait_status, usage
 
@@ -654,10 +950,11 @@ def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid
     """Runs in the forked child (PID 1 of its namespace when permitted). Never returns."""
     limits = request["limits"]
     try:
-        os.setsid()
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so do we
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        os.close(_lifeline[1])  # the launcher's end: only it may hold one
+        for sig in (*STOP_SIGNALS, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the launcher around fork()
+        os.setsid()
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in a normal interpreter: BrokenPipeError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large file raises OSError instead
         writable = []
@@ -685,8 +982,10 @@ def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid
         os.dup2(devnull, 0)
         os.dup2(stdout_w, 1)
         os.dup2(stderr_w, 2)
-        os.closerange(3, status_w)
-        os.closerange(status_w + 1, 65536)
+        low, high = sorted((status_w, _lifeline[0]))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 65536)
         os.environ.clear()
         os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
         tempfile.tempdir = workdir  # the launcher's cached choice (/tmp) is not writable here
@@ -696,19 +995,21 @@ def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid
                             ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0),
                             ("RLIMIT_NPROC", limits["processes"])):
             resource.setrlimit(getattr(resource, name), (value, value))
+        keep = 1 << CAP_DAC_READ_SEARCH if "read_search" in features else 0  # see _open_to_runs
+        drop_bounding_set(keep)  # while we still have CAP_SETPCAP: no exec can regain a capability
         if run_uid:  # root: become nobody-like, so NPROC counts and file permissions apply
             os.setgroups([])
             os.setresgid(run_uid, run_uid, run_uid)
-            prctl(PR_SET_KEEPCAPS, 1)
+            if keep:
+                prctl(PR_SET_KEEPCAPS, 1)
             os.setresuid(run_uid, run_uid, run_uid)
-            keep_only_capabilities(1 << 2)  # CAP_DAC_READ_SEARCH
-        elif ARCH:  # root of a user namespace: its capabilities are not needed either
-            keep_only_capabilities(0)
+        keep_only_capabilities(keep)  # also as root of a user namespace: no capability is needed
         prctl(PR_SET_NO_NEW_PRIVS, 1)
         if "landlock" in features:
             landlock_restrict(features["landlock"], workdir, features["readable"], [os.devnull] + writable)
         if "seccomp" in features:
             seccomp_deny_socket()
+        die_with_parent(_lifeline[0])  # here, after the uid switch, which clears the parent-death signal
         # RLIMIT_AS last and relative: the forked interpreter already maps numpy and sympy
         with open("/proc/self/statm") as f:
             mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -765,12 +1066,14 @@ def run_snippet(code):
 
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 32, 4096, 0x4000, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 8, 38, 22
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP = 36, 24
+CAP_DAC_READ_SEARCH = 2
 MACHINE = os.uname().machine
-# syscall numbers that differ per architecture: (capset, socket, audit arch)
-ARCH = {"x86_64": (126, 41, 0xC000003E), "aarch64": (91, 198, 0xC00000B7)}.get(MACHINE)
+# For the seccomp filter, what differs per architecture: (socket's syscall number, audit arch)
+SECCOMP_ARCH = {"x86_64": (41, 0xC000003E), "aarch64": (198, 0xC00000B7)}.get(MACHINE)
+# Syscalls added since Linux 5.1 have one number on every architecture but alpha, ia64 and mips
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 
 
@@ -798,11 +1101,22 @@ def prctl(option, arg):
     _check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
 
 
-def make_memory_cgroup():
+def die_with_parent(lifeline_r):
+    """SIGKILL when our parent ends (PR_SET_PDEATHSIG), and the classic race closed: had the parent
+    ended before, the lifeline (a pipe whose write end only the parent holds) would be at EOF. Not
+    getppid(): as PID 1 of a PID namespace we see our parent as 0 whether it lives or not."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if select.select([lifeline_r], [], [], 0)[0]:
+        os._exit(1)
+    os.close(lifeline_r)
+
+
+def make_memory_cgroup(owner):
     """A memory cgroup for this launcher's runs: RLIMIT_AS bounds one process, this bounds the
     whole tree (32 forked children x 1 GB each would otherwise be 32 GB). cgroup v1 (a `memory`
-    hierarchy) or v2 (unified, where the kernel lets us enable the controller). Returns
-    (dir, limit file, events file) or raises OSError."""
+    hierarchy) or v2 (unified, where the kernel lets us enable the controller). Named after its
+    `owner` ('pid-starttime'); those of owners that have ended are removed. Returns (dir, limit
+    file, events file) or raises OSError."""
     with open("/proc/self/cgroup") as f:
         lines = [line.rstrip("\n").split(":", 2) for line in f]
     v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
@@ -814,16 +1128,39 @@ def make_memory_cgroup():
         with open(f"{parent}/cgroup.subtree_control", "w") as f:
             f.write("+memory")
     for name in os.listdir(parent):  # groups left by launchers that were killed
-        if name.startswith("tocode-") and not os.path.exists(f"/proc/{name[7:]}"):
-            try:
-                os.rmdir(f"{parent}/{name}")
-            except OSError:
-                pass
-    group = f"{parent}/tocode-{os.getpid()}"
+        match = re.fullmatch(r"tocode-(\d+(?:-\d+)?)", name)
+        if match and _owner_gone(match[1]):
+            remove_cgroup(f"{parent}/{name}")
+    group = f"{parent}/tocode-{owner}"
     os.makedirs(group, exist_ok=True)
     if not os.path.exists(f"{group}/{limit_file}"):
         raise OSError(0, f"no {limit_file} in {group}")
     return group, limit_file, events_file
+
+
+def remove_cgroup(group):
+    """rmdir one of our cgroups, first killing what is still in it: only a run of a launcher that
+    died can be (its pids are read from the group itself, so nothing else is signalled)."""
+    for _ in range(200):  # killed processes leave the group within ms
+        try:
+            os.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                return
+        try:
+            with open(f"{group}/cgroup.procs") as f:
+                pids = [int(pid) for pid in f.read().split()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
 
 
 def oom_kills(group, events_file):
@@ -831,15 +1168,25 @@ def oom_kills(group, events_file):
         return sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
 
 
-def keep_only_capabilities(cap):
-    """Drop every capability but `cap`. After setuid from root we keep CAP_DAC_READ_SEARCH (read
-    any file): the interpreter may live under a 0700 /root. Writing is governed by the new uid."""
-    header = struct.pack("Ii", 0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3, this process
-    data = struct.pack("IIIIII", cap, cap, 0, 0, 0, 0)  # effective, permitted, inheritable (x2)
-    _check(libc.syscall(ARCH[0], header, data), "capset")
+def drop_bounding_set(keep):
+    """Every capability but those in the bit mask `keep` out of the bounding set: no exec regains one."""
+    for cap in range(64):
+        if not keep >> cap & 1 and libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) == -1:
+            if ctypes.get_errno() == errno.EINVAL:  # past the last capability this kernel knows
+                return
+            _check(-1, "prctl PR_CAPBSET_DROP")
+
+
+def keep_only_capabilities(keep):
+    """Effective, permitted and inheritable sets: every capability but those in the bit mask `keep` (< 32) out."""
+    header = struct.pack("Ii", 0x20080522, 0)            # _LINUX_CAPABILITY_VERSION_3, this process
+    data = struct.pack("IIIIII", keep, keep, 0, 0, 0, 0)  # effective, permitted, inheritable (x2)
+    _check(libc.capset(header, data), "capset")
 
 
 def landlock_abi():
+    if MACHINE.startswith(("alpha", "ia64", "mips")):  # Landlock's syscall numbers differ there
+        return 0
     try:
         return max(0, libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, 1))  # 1 = CREATE_RULESET_VERSION
     except Exception:
@@ -880,7 +1227,7 @@ def landlock_restrict(abi, workdir, readable, extra_writable):
 def seccomp_deny_socket():
     """A 6-instruction BPF filter: socket(2) fails with EACCES (socketpair, used by multiprocessing,
     still works). This is what stops connect() to a unix socket file elsewhere on the machine."""
-    _, nr_socket, audit_arch = ARCH
+    nr_socket, audit_arch = SECCOMP_ARCH
     ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
     allow, deny = 0x7FFF0000, 0x00050000 | 13  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, allow),  # other ABIs: leave alone
@@ -892,7 +1239,110 @@ def seccomp_deny_socket():
 
 
 # -----------------------------------------------------------------------------
-# CLI: run a file, or benchmark against naive subprocess.run
+# CLI: run a file, soak the sandbox, or benchmark it against naive subprocess.run
+
+# (code, limits, the status it must get): every way a run can end, for the soak
+SOAK_MIX = (
+    ("print(sum(range(1000)))", {}, "ok"),
+    ("import json, math\nprint(json.dumps([math.factorial(30)]))", {}, "ok"),
+    ("print('before')\n1 / 0", {}, "error"),
+    ("while True:\n    pass", {"timeout": 0.1}, "timeout"),
+    ("import time\ntime.sleep(30)", {"timeout": 0.1}, "timeout"),
+    ("x = bytearray(8 * 1024**3)", {}, "memory"),
+    ("chunks = []\nwhile True:\n    chunks.append(b'x' * 10**6)", {"memory_mb": 64}, "memory"),
+    ("import os, time\nfor _ in range(100):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+     "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\nprint('forked')", {"processes": 8}, "ok"),
+    ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(30)\n"
+     "    os._exit(0)\nprint('escaped')", {}, "ok"),
+    ("while True:\n    print('x' * 1000)", {"output_bytes": 4096}, "output_limit"),
+)
+
+
+def soak(n, workers=2, batch=500, rss_growth_mb=8):
+    """`n` runs cycling through SOAK_MIX on `workers` launchers of its own, then what must hold
+    after any number of runs: each status as expected, no process, fd, work dir or cgroup left
+    over, a flat launcher RSS (after a warm-up), and on shutdown every launcher gone with its
+    dirs and cgroup. It looks only at the launchers it started and what they made, and each run
+    is bounded by its own clock. Returns (report lines, problems)."""
+    shutdown()  # launchers of our own, started below
+    jobs = [SOAK_MIX[i % len(SOAK_MIX)] for i in range(n)]
+    trainer_fds = len(os.listdir("/proc/self/fd"))
+    errors_before = sandbox_errors
+    statuses, problems = collections.Counter(), []
+
+    def run_jobs(part):
+        for (code, _, expected), result in zip(part, _run_all([(code, limits) for code, limits, _ in part], workers)):
+            statuses[result.status] += 1
+            if result.status != expected and len(problems) < 20:
+                problems.append(f"{code.splitlines()[-1]!r}: {expected} expected, got {result.status} ({result.error})")
+
+    start = time.perf_counter()
+    warm = min(n, len(SOAK_MIX))  # every kind once: what a launcher allocates for good is allocated
+    run_jobs(jobs[:warm])
+    launchers = list(_idle)
+    before = {launcher: _launcher_state(launcher) for launcher in launchers}
+    rss = [[before[launcher]["rss_mb"] for launcher in launchers]]
+    for i in range(warm, n, batch):
+        run_jobs(jobs[i:i + batch])
+        rss.append([_launcher_state(launcher)["rss_mb"] for launcher in launchers])
+    elapsed = time.perf_counter() - start
+    if sorted(id(launcher) for launcher in _idle) != sorted(id(launcher) for launcher in launchers):
+        problems.append("a launcher was replaced during the soak")
+    if sandbox_errors != errors_before:
+        problems.append(f"{sandbox_errors - errors_before} sandbox_errors")
+    lines = [f"{n} runs ({len(SOAK_MIX)} kinds in turn) on {workers} workers in {elapsed:.1f} s: {n / elapsed:.1f} runs/s",
+             "statuses: " + ", ".join(f"{status} {count}" for status, count in sorted(statuses.items()))]
+    for launcher in launchers:
+        was, now = before[launcher], _launcher_state(launcher)
+        lines.append(f"launcher {launcher.hello['pid']}: fds {was['fds']} -> {now['fds']}, RSS {was['rss_mb']:.1f} -> "
+                     f"{now['rss_mb']:.1f} MB (after each batch: {', '.join(f'{r:.1f}' for r in list(zip(*rss))[launchers.index(launcher)])})")
+        if now["fds"] != was["fds"]:
+            problems.append(f"launcher {launcher.hello['pid']}: {now['fds'] - was['fds']} fds leaked")
+        if now["rss_mb"] - was["rss_mb"] > rss_growth_mb:
+            problems.append(f"launcher {launcher.hello['pid']}: RSS grew {now['rss_mb'] - was['rss_mb']:.1f} MB")
+        for what in ("processes", "workdirs", "cgroup_procs"):
+            if now[what]:
+                problems.append(f"launcher {launcher.hello['pid']}: {what} left over: {now[what]}")
+    shutdown()
+    for launcher in launchers:
+        left = [path for path in (launcher.hello["base"], launcher.hello["features"].get("cgroup", [None])[0])
+                if path and os.path.exists(path)]
+        if launcher.proc.returncode != 0 or left:
+            problems.append(f"launcher {launcher.hello['pid']}: exit code {launcher.proc.returncode}, left {left}")
+    if len(os.listdir("/proc/self/fd")) != trainer_fds:
+        problems.append(f"the trainer has {len(os.listdir('/proc/self/fd')) - trainer_fds} more fds")
+    lines.append("problems: " + ("; ".join(problems) if problems else "none (no process, fd, work dir or cgroup left, "
+                                 "RSS flat, each launcher removed its dirs and cgroup on exit)"))
+    return lines, problems
+
+
+def _launcher_state(launcher):
+    """What a launcher holds between runs, read from /proc: fds, RSS, processes under it (but itself, the one
+    that serves), work dirs in its base dir (seen through its own mount namespace), processes in its cgroup."""
+    pid = launcher.hello["pid"]
+    with open(f"/proc/{pid}/status") as f:
+        rss_mb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    children = collections.defaultdict(list)
+    for other in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{other}/stat") as f:
+                children[int(f.read().rsplit(")", 1)[1].split()[1])].append(int(other))
+        except OSError:
+            pass
+    processes, todo = [], [launcher.proc.pid]
+    while todo:
+        for child in children[todo.pop()]:
+            processes.append(child)
+            todo.append(child)
+    try:
+        workdirs = os.listdir(f"/proc/{pid}/root{launcher.hello['base']}")
+    except OSError:  # not ours to look into (a user namespace)
+        workdirs = []
+    group = launcher.hello["features"].get("cgroup", [None])[0]
+    cgroup_procs = open(f"{group}/cgroup.procs").read().split() if group else []
+    return dict(fds=len(os.listdir(f"/proc/{pid}/fd")), rss_mb=rss_mb, processes=[p for p in processes if p != pid],
+                workdirs=workdirs, cgroup_procs=cgroup_procs)
+
 
 def bench(n, workers):
     codes = [f"x = {i}\nprint(x * x + 1)" for i in range(n)]
@@ -935,12 +1385,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run Python under the tocode sandbox, or benchmark it.")
     parser.add_argument("file", nargs="?", help="a .py file to run; prints the Result as JSON")
     parser.add_argument("--bench", action="store_true", help="throughput vs naive subprocess.run")
+    parser.add_argument("--soak", type=int, metavar="N", help="N mixed runs, then check that nothing leaked")
     parser.add_argument("--n", type=int, default=200, help="snippets in the benchmark")
-    parser.add_argument("--workers", type=int, default=2, help="concurrent runs in the benchmark")
+    parser.add_argument("--workers", type=int, default=2, help="concurrent runs in the benchmark or soak")
     parser.add_argument("--timeout", type=float, default=TIMEOUT)
     parser.add_argument("--memory_mb", type=int, default=MEMORY_MB)
     args = parser.parse_args()
-    if args.bench:
+    if args.soak:
+        report, problems = soak(args.soak, args.workers)
+        print("\n".join(report))
+        sys.exit(1 if problems else 0)
+    elif args.bench:
         bench(args.n, args.workers)
     elif args.file:
         with open(args.file) as f:

@@ -8,11 +8,16 @@ every sleeper ends by itself. A broken sandbox makes a test FAIL; it never takes
 """
 import json
 import os
+import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -310,6 +315,281 @@ def test_cli_runs_a_file(tmp_path):
     assert json.loads(out.stdout)["stdout"] == "42\n"
 
 
+# -----------------------------------------------------------------------------
+# Capabilities, launcher death, Ctrl-C, missing kernel features, soak
+
+def test_a_run_has_no_capability_and_dies_with_its_parent():
+    code = ("import ctypes\nsignal_number = ctypes.c_int()\n"
+            "ctypes.CDLL(None).prctl(2, ctypes.byref(signal_number))\n"  # PR_GET_PDEATHSIG
+            "print(signal_number.value)\n"
+            "print([line.split() for line in open('/proc/self/status') if line.startswith('Cap')])")
+    result = sandbox.run(code)
+    assert result.status == "ok", result.stderr
+    pdeathsig, caps = result.stdout.splitlines()
+    assert pdeathsig == str(int(signal.SIGKILL))  # set after the uid switch, which clears it
+    caps = eval(caps)
+    assert len(caps) == 5 and all(int(value, 16) == 0 for _, value in caps), caps  # Inh, Prm, Eff, Bnd, Amb
+
+
+@pytest.fixture
+def launcher_with(tmp_path, monkeypatch):
+    """start(patch, disable): a fresh launcher whose interpreter first runs `patch` (as a sitecustomize on its
+    PYTHONPATH), with sandbox.DISABLE = disable and nothing preloaded (faster); the pool holds only it until the
+    test ends."""
+    def start(patch="", disable=()):
+        sandbox.shutdown()
+        (tmp_path / "sitecustomize.py").write_text(patch)
+        monkeypatch.setitem(sandbox.LAUNCHER_ENV, "PYTHONPATH", str(tmp_path))
+        monkeypatch.setattr(sandbox, "DISABLE", disable)
+        monkeypatch.setattr(sandbox, "PRELOAD", ())
+        monkeypatch.setattr(sandbox, "_warned", True)
+        launcher = sandbox._checkout()
+        sandbox._idle.append(launcher)
+        return launcher
+    yield start
+    sandbox.shutdown()
+
+
+def launcher_state(launcher):
+    """fds of the serving launcher process, and the work dirs in its base dir (seen through its mount namespace)."""
+    pid = launcher.hello["pid"]
+    return len(os.listdir(f"/proc/{pid}/fd")), os.listdir(f"/proc/{pid}/root{launcher.hello['base']}")
+
+
+def test_an_unknown_architecture_drops_seccomp_only(launcher_with):
+    usual = sandbox._checkout()
+    sandbox._idle.append(usual)
+    launcher = launcher_with("import os\n_uname = os.uname\n"
+                             "os.uname = lambda: type(_uname())(tuple(_uname())[:4] + ('riscv64',))\n")
+    features, notes = launcher.hello["features"], launcher.hello["notes"]
+    assert set(features) == set(usual.hello["features"]) - {"seccomp"}, notes
+    (new_note,) = [note for note in notes if note not in usual.hello["notes"]]  # nothing else is blamed
+    assert "riscv64" in new_note and "seccomp" in new_note
+    result = sandbox.run("print([line.split()[1] for line in open('/proc/self/status') if line.startswith('Cap')])")
+    assert result.status == "ok" and set(eval(result.stdout)) == {"0000000000000000"}, result
+
+
+def test_without_landlock_a_root_run_reads_only_what_file_permissions_allow(launcher_with):
+    if os.geteuid() != 0:
+        pytest.skip("the uid switch and the capability drop are what root runs get")
+    launcher = launcher_with(disable=("landlock",))
+    assert "landlock" not in launcher.hello["features"] and "read_search" not in launcher.hello["features"]
+    folder = tempfile.mkdtemp(prefix="tocode-test-permissions-")  # our own, in /tmp, which others may enter
+    try:
+        os.chmod(folder, 0o755)
+        for name, mode in (("closed", 0o000), ("private", 0o600), ("public", 0o644)):
+            path = os.path.join(folder, name)
+            with open(path, "w") as f:
+                f.write(f"hunter2-{name}")
+            os.chmod(path, mode)
+        code = (f"for name in ('closed', 'private', 'public'):\n"
+                f"    try:\n        print(name, open({folder!r} + '/' + name).read())\n"
+                "    except OSError as e:\n        print(name, type(e).__name__)")
+        result = sandbox.run(code)
+        assert result.status == "ok", result.stderr
+        assert result.stdout.splitlines() == ["closed PermissionError", "private PermissionError",
+                                              "public hunter2-public"]
+    finally:
+        shutil.rmtree(folder)
+
+
+PIDFD_FAILS = '''import errno, os
+def pidfd_open(pid, flags=0):
+    with open(os.path.join(os.path.dirname(__file__), "pidfd_calls"), "a") as f:
+        f.write("x")
+    raise OSError(errno.EMFILE, "Too many open files (a test)")
+os.pidfd_open = pidfd_open
+'''
+
+
+def test_without_pidfd_runs_are_still_watched_and_nothing_leaks(launcher_with, tmp_path):
+    launcher = launcher_with(PIDFD_FAILS)
+    fds, workdirs = launcher_state(launcher)
+    result = sandbox.run("import time; time.sleep(30)", timeout=0.5)
+    assert result.status == "timeout" and 0.4 < result.elapsed < 2.5, result
+    result = sandbox.run("print(1)")
+    assert result.status == "ok" and result.stdout == "1\n" and result.elapsed < 2, result
+    result = sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(20)\n    os._exit(0)\n"
+                         "print('parent done')", timeout=5)
+    assert result.status == "ok" and result.elapsed < 3, result
+    assert len((tmp_path / "pidfd_calls").read_text()) >= 3  # the failing pidfd_open was the one used
+    time.sleep(0.2)
+    assert launcher_state(launcher) == (fds, workdirs) and workdirs == []
+    assert our_survivors() == []
+    sandbox.shutdown()
+    assert launcher.proc.returncode == 0
+    assert not os.path.exists(launcher.hello["base"])
+    if "cgroup" in launcher.hello["features"]:
+        assert not os.path.exists(launcher.hello["features"]["cgroup"][0])
+
+
+# A trainer of its own, in a subprocess: prints its launchers' hello (with popen_pid, the process it started), then
+# runs the code in code.py on each launcher at once, prints the first result's status, and, with `again`, one more run
+# (on a new launcher, which removes what a killed one left) and that launcher's hello. Nothing preloaded: faster.
+TRAINER = '''
+import json, sys
+sys.path.insert(0, {repo!r})
+import sandbox
+sandbox.PRELOAD = ()
+code, workers, again = open("code.py").read(), int(sys.argv[1]), sys.argv[2] == "again"
+sandbox.run_many(["pass"] * workers, workers=workers)  # starts the launchers, together
+launchers = list(sandbox._idle)
+print(json.dumps([dict(launcher.hello, popen_pid=launcher.proc.pid) for launcher in launchers]), flush=True)
+results = sandbox.run_many([code] * workers, workers=workers, timeout=30)
+print(json.dumps(results[0].status), flush=True)
+if again:
+    result = sandbox.run("print('next')")
+    print(json.dumps([result.stdout, sandbox._idle[-1].hello]), flush=True)
+'''
+
+
+def sleeping_snippet(tag):
+    """A run whose first process sleeps 20 s and whose child, carrying tag in its command line, does too."""
+    return ("import subprocess, sys, time\n"
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)', {tag!r}])\n"
+            "time.sleep(20)")
+
+
+def marked(tag):
+    """Pids of processes whose command line carries tag (a run's processes are visible from here)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if tag.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def wait_for(condition, limit):
+    deadline = time.monotonic() + limit
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def read_line(proc, limit):
+    """The trainer's next line (JSON), waiting at most `limit` s for it."""
+    deadline = time.monotonic() + limit
+    while b"\n" not in proc.pending:
+        if not select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
+            raise AssertionError(f"the trainer said nothing for {limit} s")
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, f"the trainer ended: {proc.stderr.read()[-3000:]}"
+        proc.pending += chunk
+    line, proc.pending = proc.pending.split(b"\n", 1)
+    return json.loads(line)
+
+
+def is_launcher(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"--launcher" in f.read()
+    except OSError:
+        return False
+
+
+def start_trainer(folder, code, workers, again, user=None, **popen):
+    script = os.path.join(folder, "trainer.py")
+    with open(script, "w") as f:
+        f.write(TRAINER.format(repo=os.path.dirname(os.path.abspath(sandbox.__file__))))
+    with open(os.path.join(folder, "code.py"), "w") as f:  # not in the trainer's argv, where `marked` would see it
+        f.write(code)
+    os.chmod(script, 0o644)
+    os.chmod(os.path.join(folder, "code.py"), 0o644)
+    python = "/usr/bin/python3" if user else sys.executable
+    proc = subprocess.Popen([python, "-s", script, str(workers), "again" if again else "once"], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, user=user, group=user,
+                            extra_groups=[] if user else None, env={"PATH": "/usr/bin:/bin"}, **popen)
+    proc.pending = b""  # read_line's buffer
+    return proc
+
+
+def trainer_folder(user):
+    """A folder of our own for the trainer's script; as another user, skip where that user cannot run the sandbox."""
+    if user is not None:
+        if os.geteuid() != 0:
+            pytest.skip("switching to another user needs root")
+        probe = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info >= (3, 10))"],
+                               capture_output=True, text=True, user=user, group=user, extra_groups=[])
+        if probe.stdout.strip() != "True" or sandbox._closed_on_the_way(os.path.dirname(os.path.abspath(sandbox.__file__))):
+            pytest.skip("no /usr/bin/python3 >= 3.10, or sandbox.py, that user nobody could run here")
+    folder = tempfile.mkdtemp(prefix="tocode-test-trainer-")
+    os.chmod(folder, 0o755)
+    return folder
+
+
+def end_trainer(proc, tag, folder):
+    """Our own processes only: the trainer, and the snippet's marked processes should they have survived."""
+    proc.kill()
+    proc.communicate()
+    for pid in marked(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("user", [None, 65534], ids=["as_root_or_self", "as_nobody"])
+def test_launcher_killed_mid_run_takes_its_run_along_and_the_next_one_cleans_up(user):
+    folder = trainer_folder(user)
+    tag = f"tocode-test-{uuid.uuid4().hex}"
+    trainer = start_trainer(folder, sleeping_snippet(tag), 1, again=True, user=user)
+    try:
+        (hello,) = read_line(trainer, 60)
+        if "pid_ns" not in hello["features"] and "cgroup" not in hello["features"]:
+            pytest.skip("without a PID namespace or a cgroup, a run's own children outlive a SIGKILLed launcher")
+        assert wait_for(lambda: marked(tag), 15), "the snippet did not start"
+        os.kill(hello["popen_pid"], signal.SIGKILL)  # the launcher our trainer started
+        assert wait_for(lambda: not marked(tag), 5), "the run outlived its launcher"
+        assert read_line(trainer, 30) == "sandbox_error"
+        stdout, next_hello = read_line(trainer, 60)
+        assert stdout == "next\n"
+        assert next_hello["base"] != hello["base"] and not os.path.exists(hello["base"])
+        if "cgroup" in hello["features"]:
+            assert not os.path.exists(hello["features"]["cgroup"][0])
+    finally:
+        end_trainer(trainer, tag, folder)
+
+
+@pytest.mark.parametrize("whom,workers,user", [("process_group", 1, None), ("trainer_only", 2, None),
+                                               ("process_group", 2, 65534)],
+                         ids=["process_group", "trainer_only", "process_group_as_nobody"])
+def test_ctrl_c_kills_the_runs_and_leaves_nothing_behind(whom, workers, user):
+    """Ctrl-C: SIGINT to the trainer's process group (its launchers too, not the runs: they are setsid'ed), or to
+    the trainer alone, whose run_many must then stop the launchers its worker threads use."""
+    folder = trainer_folder(user)
+    tag = f"tocode-test-{uuid.uuid4().hex}"
+    trainer = start_trainer(folder, sleeping_snippet(tag), workers, again=False, user=user, start_new_session=True)
+    try:
+        hellos = read_line(trainer, 60)
+        assert wait_for(lambda: len(marked(tag)) == workers, 15), "the snippets did not start"
+        if whom == "process_group":
+            os.killpg(trainer.pid, signal.SIGINT)  # our trainer's own session: it, its launchers (not the runs)
+        else:
+            trainer.send_signal(signal.SIGINT)
+        stderr = trainer.communicate(timeout=20)[1].decode(errors="replace")
+        assert "KeyboardInterrupt" in stderr and trainer.returncode != 0, stderr[-3000:]
+        assert "sandbox_error" not in stderr, stderr[-3000:]
+        assert wait_for(lambda: not marked(tag), 5), "runs outlived the Ctrl-C"
+        for hello in hellos:
+            assert not is_launcher(hello["popen_pid"]) and not is_launcher(hello["pid"])
+            assert not os.path.exists(hello["base"])
+            if "cgroup" in hello["features"]:
+                assert not os.path.exists(hello["features"]["cgroup"][0])
+    finally:
+        end_trainer(trainer, tag, folder)
+
+
+def test_soak_leaks_nothing(monkeypatch):
+    monkeypatch.setattr(sandbox, "PRELOAD", ())  # faster launchers; `python sandbox.py --soak=N` has the real ones
+    report, problems = sandbox.soak(20, workers=2, batch=10)
+    assert not problems, "\n".join(report)
+
+
 def test_fallback_without_namespaces_warns_once_and_still_contains(monkeypatch, capsys, tmp_path):
     """Where the kernel refuses namespaces (e.g. a default Docker container), the launcher falls
     back to a child subreaper that sweeps escaped processes, and says so once."""
@@ -330,6 +610,10 @@ def test_fallback_without_namespaces_warns_once_and_still_contains(monkeypatch, 
         canary.write_text("alive")
         assert sandbox.run(f"import os; os.remove({str(canary)!r})").status == "error"
         assert canary.read_text() == "alive"
+        # No tmpfs of the run's own: its work dir is on the launcher's, which must get the run's disk budget
+        two_mb = sandbox.run("open('two_mb', 'wb').write(b'x' * (2 << 20))\nprint('written')")
+        assert two_mb.status == "ok" and two_mb.stdout == "written\n", two_mb
+        assert sandbox.run("open('eight_mb', 'wb').write(b'x' * (8 << 20))", disk_mb=4).status == "error"
         time.sleep(0.2)
         assert our_survivors() == []
         sandbox.run("pass")
