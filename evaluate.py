@@ -297,7 +297,7 @@ def print_sampled_table(summary):
 
 
 # ----------------------------------------------------------------------------- the stage
-def _decode(net, tokenizer, batch, batch_prompts, open_ids, tool, args):
+def _decode(net, tokenizer, batch, batch_prompts, tool, args):
     """Responses to one batch of (query, mode, sample), graded: their eval records, in batch order."""
     seeds = [row_seed(args.seed, q["id"], m, j) for q, m, j in batch]
     responses = generate(net, batch_prompts, args.max_new_tokens, temperature=args.temperature,
@@ -307,7 +307,7 @@ def _decode(net, tokenizer, batch, batch_prompts, open_ids, tool, args):
     auto_prompts = {tuple(p): None for (_, m, _), p in zip(batch, batch_prompts) if m == "auto"}
     if auto_prompts:
         with torch.inference_mode():
-            auto_prompts = dict(zip(auto_prompts, code_open_probability(net, list(auto_prompts), open_ids)))
+            auto_prompts = dict(zip(auto_prompts, code_open_probability(net, tokenizer, list(auto_prompts))))
     for (q, m, j), prompt, response, seed in zip(batch, batch_prompts, responses, seeds):
         answer, correct = grade(response.text, q["answer"])
         record = {"id": record_id(q["id"], m, j, args.samples), "query_id": q["id"], "mode": m,
@@ -374,7 +374,6 @@ def evaluate(args):
         device = "cuda" if on_gpu else "cpu"
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
         net, tokenizer = load(args.model, dtype=dtype, device=device)
-        open_ids = tokenizer.encode(task.CODE_OPEN, add_special_tokens=False)
         tool = lambda responses: sandbox.tool(responses, timeout=args.tool_timeout)
         appender = JsonlAppender(partial)
         todo = [(q, m, j) for q, m, j in rows if record_id(q["id"], m, j, args.samples) not in appender.done_ids]
@@ -386,7 +385,7 @@ def evaluate(args):
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             batch_prompts = [prompts[q["id"], m] for q, m, _ in batch]
-            for record in _decode(net, tokenizer, batch, batch_prompts, open_ids, tool, args):
+            for record in _decode(net, tokenizer, batch, batch_prompts, tool, args):
                 appender.write(record)
             progress.update(len(batch))
         progress.close()

@@ -317,14 +317,13 @@ def main(argv=None):
         rows = pending_rows(queries, args.modes, args.k, out.done_ids)
         print(f"{len(queries)} queries × {len(args.modes)} modes × K={args.k}: {len(rows)} rollouts to draw"
               + (f" ({len(out.done_ids)} already in {partial})" if out.done_ids else ""))
-        opening_ids = tokenizer.encode(task.CODE_OPEN, add_special_tokens=False)
         with tqdm(total=len(rows), desc="explore", unit="rollout") as bar:
             for batch in chunks(rows, args.batch_size):
                 p_code_open = None
                 if args.p_code_open:
                     # Deterministic given the model and the prompt, so a resumed run recomputes the same value.
                     query_ids = list(dict.fromkeys(query["id"] for query, _, _ in batch))
-                    probs = code_open_probability(net, [prompt_ids[(q, "auto")] for q in query_ids], opening_ids)
+                    probs = code_open_probability(net, tokenizer, [prompt_ids[(q, "auto")] for q in query_ids])
                     p_code_open = dict(zip(query_ids, probs))
                 for record in explore_batch(net, tokenizer, batch, prompt_ids, args, tool, p_code_open):
                     out.write(record)

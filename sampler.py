@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import Config
-from task import MAX_CALLS_NOTICE, TOOL_TRIGGER, encode_continuation, tool_injection
+from task import CODE_OPEN, MAX_CALLS_NOTICE, TOOL_TRIGGER, encode_continuation, tool_injection
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. What a row returns, and how each token is chosen.
@@ -502,26 +502,35 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The model's own prior for code: π(code | x) read from its first tokens.
 
-def code_open_probability(net, prompts, open_ids):
+def code_open_probability(net, tokenizer, prompts):
     """π(code | x) as the model states it: the probability that the response to each prompt starts
-    with the tokens of "```python", by teacher forcing: exp(Σ_j log p(open_j | prompt, open_<j)).
-    Right padding is harmless (causal attention), and only the len(open_ids) positions that predict
-    the block's tokens go through the output matrix."""
+    with the tokens of task.CODE_OPEN ("```python"), by teacher forcing: exp(Σ_j log p(open_j | prompt, open_<j)).
+    The opening is encoded as what the model would write after its prompt (encode_continuation: on its own, a
+    SentencePiece tokenizer would give it a leading space no response starts with), so it can differ by prompt.
+    Right padding is harmless (causal attention), and only the positions that predict the opening's tokens go
+    through the output matrix."""
     if not prompts:
         return []
-    rows = [list(p) + list(open_ids) for p in prompts]
-    width = max(len(r) for r in rows)
+    openings = [encode_continuation(tokenizer, CODE_OPEN, list(p)) for p in prompts]
+    rows = [list(p) + o for p, o in zip(prompts, openings)]
+    width, longest = max(len(r) for r in rows), max(len(o) for o in openings)
     device = net.lm_head.weight.device
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
+    # per row, the positions predicting its opening's tokens, padded with the last one (masked out of the sum)
+    positions = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    targets, counted = torch.zeros_like(positions), torch.zeros(len(rows), longest, device=device)
+    for i, (p, o) in enumerate(zip(prompts, openings)):
+        ids[i, :len(p) + len(o)] = torch.tensor(list(p) + o)
+        at = [len(p) - 1 + j for j in range(len(o))]
+        positions[i] = torch.tensor(at + at[-1:] * (longest - len(o)))
+        targets[i] = torch.tensor(o + o[-1:] * (longest - len(o)))
+        counted[i, :len(o)] = 1.0
     with torch.inference_mode():
         hidden = net(ids, return_hidden=True)                                     # [B, T, D]
-        positions = torch.tensor([[len(p) - 1 + j for j in range(len(open_ids))] for p in prompts], device=device)
         picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, L, D]
         logprobs = torch.log_softmax((picked @ net.lm_head.weight.T).float(), dim=-1)   # [B, L, V]
-        targets = torch.tensor(open_ids, device=device).expand(len(prompts), -1)
-        return logprobs.gather(-1, targets[..., None]).squeeze(-1).sum(-1).exp().tolist()
+        chosen = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        return (chosen * counted).sum(-1).exp().tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import flags
 from jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
+from task import encode_continuation
 
 # ----------------------------------------------------------------------------- hyperparameters
 rollouts = ""            # explore.py's output; required
@@ -413,10 +414,13 @@ def encode_hints(model_dir, hints):
     will train on them."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # A hint follows a failed attempt's text, so it is encoded as the continuation of one (a SentencePiece tokenizer
+    # would give a hint encoded on its own a leading space).
+    context = tokenizer.encode("\\boxed{0}", add_special_tokens=False)
     hint_ids = {}
     for target, hint in hints.items():
-        ids = tokenizer.encode(hint, add_special_tokens=False)
-        if tokenizer.decode(ids) != hint:
+        ids = encode_continuation(tokenizer, hint, context)
+        if tokenizer.decode(context + ids) != tokenizer.decode(context) + hint:
             raise ValueError(f"the hint {hint!r} does not survive this tokenizer (characters outside its "
                              f"vocabulary?); pass another with --hint_to_{target}")
         hint_ids[target] = ids

@@ -72,7 +72,7 @@ def test_code_open_probability_matches_naive(tiny_checkpoint):
     open_ids = tokenizer.encode(task.CODE_OPEN, add_special_tokens=False)
     prompts = [task.encode_prompt(tokenizer, p, "auto") for p in ("What is 2 + 3?", "Compute 123 * 45 now, please.")]
     with torch.inference_mode():
-        ours = sampler.code_open_probability(net, prompts, open_ids)
+        ours = sampler.code_open_probability(net, tokenizer, prompts)
         for prompt, p in zip(prompts, ours):
             logprobs = torch.log_softmax(net(torch.tensor([prompt + open_ids]))[0].float(), -1)
             naive = sum(logprobs[len(prompt) - 1 + j, t].item() for j, t in enumerate(open_ids))
