@@ -11,6 +11,7 @@ The model stores the q/k/v projections as one matrix and gate/up as another ("fu
 of three (or two) per layer, which is most of what a decode step on a CPU pays for at small sizes. save() splits them
 back into the HF names. Sampling is in sampler.py, the M-step's log-probs in logprobs.py.
 """
+import contextlib
 import json
 import math
 import os
@@ -50,6 +51,7 @@ class Config:
     pad_token_id: int | None = None
     architecture: str = "LlamaForCausalLM"   # or "Qwen2ForCausalLM"
     extra: dict = field(default_factory=dict)  # other config.json fields, written back unchanged by save()
+    generation_config: dict | None = None    # generation_config.json as read (sampling defaults), written back by save()
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -75,9 +77,11 @@ class RMSNorm(nn.Module):
 
 def rope_inverse_frequencies(config: Config) -> tuple[torch.Tensor, float]:
     """θ_i = base^(-2i/d) for i < d/2, rescaled by the long-context variants. Returns (inv_freq, attention_scale).
-    Each formula is the one transformers applies (modeling_rope_utils), so checkpoints load with identical logits."""
+    Each formula is the one transformers applies (modeling_rope_utils), so checkpoints load with identical logits.
+    Computed on the CPU even when the model is built under torch.device("meta"): inv_freq is not in the state dict, so
+    it needs real values, and arithmetic on meta tensors would import torch._dynamo (seconds of CPU per process)."""
     dim, base = config.head_dim, config.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
     scaling = dict(config.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if scaling.get("partial_rotary_factor", 1.0) != 1.0:
@@ -120,7 +124,7 @@ def rope_inverse_frequencies(config: Config) -> tuple[torch.Tensor, float]:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
         high = high + 0.001 if low == high else high
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
         extrapolate = 1 - ramp
         return (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate, float(attention_scale)
     raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, dynamic, llama3, yarn)")
@@ -313,6 +317,23 @@ def init_weights(model: Transformer, std=0.02):
             nn.init.ones_(module.weight)
 
 
+@contextlib.contextmanager
+def no_init():
+    """Build modules without running their initialisation: nn.Linear and nn.Embedding draw random weights in their
+    constructors (kaiming_uniform_, uniform_, normal_), wasted work when a checkpoint's weights replace them, and on the
+    meta device those ops import torch._dynamo. Construction only allocates while this is active; use it for nothing
+    else (it swaps functions of torch.nn.init for the whole process until it exits)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Loading and saving HF checkpoint dirs, and the tiny preset.
 
@@ -431,13 +452,15 @@ def load(path: str, dtype=torch.float32, device="cpu", seed=0):
     generation_path = os.path.join(path, "generation_config.json")
     if os.path.exists(generation_path):
         with open(generation_path) as f:
-            extra_eos = json.load(f).get("eos_token_id")
+            config.generation_config = json.load(f)
+        extra_eos = config.generation_config.get("eos_token_id")
         if extra_eos is not None:
             ids = lambda e: [] if e is None else ([e] if isinstance(e, int) else list(e))
             merged = list(dict.fromkeys(ids(config.eos_token_id) + ids(extra_eos)))
             config.eos_token_id = merged[0] if len(merged) == 1 else merged
     tensors = _read_safetensors(path)
-    with torch.device("meta"):
+    # on meta, uninitialised: the parameters take the file's tensors below; only inv_freq is computed (on the CPU)
+    with torch.device("meta"), no_init():
         model = Transformer(config)
     state = {}
     for ours, theirs in _hf_names(config):
@@ -449,8 +472,6 @@ def load(path: str, dtype=torch.float32, device="cpu", seed=0):
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     assert not any(p.is_meta for p in model.parameters()), "a parameter was not loaded"
-    inv_freq, model.attention_scale = rope_inverse_frequencies(config)
-    model.inv_freq = inv_freq
     model = model.to(device).eval()
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -477,9 +498,13 @@ def save(model: Transformer, tokenizer, out_dir: str):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(config, dtype), f, indent=2)
+        # the loaded checkpoint's sampling defaults (temperature, top_p, ...) are kept; bos/eos/pad come from the config,
+        # into which load() merged generation_config.json's EOS ids
+        generation = dict(config.generation_config or {})
+        generation.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                          pad_token_id=config.pad_token_id)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                       "pad_token_id": config.pad_token_id}, f, indent=2)
+            json.dump(generation, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # mkdtemp made the dir private (0700); a checkpoint should be as readable as any file the user writes

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from logprobs import TILE_ELEMENTS
-from model import TINY_CONFIG, Config, Transformer, config_from_hf, rope_inverse_frequencies
+from model import TINY_CONFIG, Config, Transformer, config_from_hf, no_init, rope_inverse_frequencies
 
 GiB, MiB = 2**30, 2**20
 
@@ -73,7 +73,7 @@ def gather_full_model(model):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         full = Transformer(model.config)
     full.load_state_dict(state, assign=True)
     if model.config.tie_word_embeddings:
@@ -116,7 +116,7 @@ def read_config(init):
 def parameter_shapes(config):
     """([shapes outside the blocks], [[shapes of block i]]): the model built on the meta device, which allocates
     nothing, so the count is exact (biases, GQA, a tied head counted once) for any size."""
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         model = Transformer(config)
     in_blocks = {id(p) for p in model.layers.parameters()}
     root = [p.shape for p in model.parameters() if id(p) not in in_blocks]

@@ -15,7 +15,7 @@ import model
 import sampler
 import task
 import train
-from realformat import LLAMA3_SPECIALS, hf_config, llama3_tokenizer, qwen_tokenizer, random_model
+from realformat import hf_config, llama3_tokenizer, qwen_tokenizer, random_model
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -231,13 +231,6 @@ def test_sharded_safetensors(tmp_path, tokenizer, dtype):
 
 
 # --------------------------------------------------------------------------------------- what a save must keep
-GENERATION_DEFECT = (
-    "model.save writes generation_config.json with bos/eos/pad only: the checkpoint's sampling defaults (Qwen2.5-"
-    "Instruct's do_sample, temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05) are lost in the M-step's "
-    "checkpoint, so transformers then decodes it greedily")
-
-
-@pytest.mark.xfail(strict=True, reason=GENERATION_DEFECT)
 def test_save_keeps_the_generation_config(tmp_path):
     tokenizer = qwen_tokenizer()
     hf = random_model(hf_config("qwen2", tokenizer), seed=8)
@@ -254,16 +247,10 @@ def test_save_keeps_the_generation_config(tmp_path):
     assert {key: getattr(saved, key) for key in settings} == settings
 
 
-LOAD_COST_DEFECT = (
-    "model.load builds the Transformer under torch.device('meta'), where nn.Embedding / nn.Linear's reset_parameters "
-    "(normal_, kaiming_uniform_ -> uniform_) and rope_inverse_frequencies' arithmetic run as meta ops: their Python "
-    "decompositions import torch._dynamo, 1-2.5 s of CPU in every process that loads a checkpoint (explore.py, "
-    "evaluate.py, train.py, each test)")
 # what building a network on the meta device needs: allocations (RMSNorm's weights are torch.ones)
 META_ALLOCATIONS = {"empty", "empty_strided", "ones", "zeros", "full", "fill_", "zero_"}
 
 
-@pytest.mark.xfail(strict=True, reason=LOAD_COST_DEFECT)
 def test_loading_a_checkpoint_runs_no_compute_on_the_meta_device(tmp_path, tokenizer):
     """The weights come from the file: model.load has nothing to compute before it reads them. (Checked as the ops
     it runs on meta tensors, not as sys.modules: another test of the session may have imported torch._dynamo.)"""
