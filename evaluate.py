@@ -57,8 +57,9 @@ import flags
 import sandbox
 import task
 from grade import grade, is_equiv
-from jsonl import (JsonlAppender, finalize, merge_shards, parse_shard, read_jsonl, read_queries, read_shard_configs,
-                   row_seed, shard_name, shard_owners, take_shard, write_json_atomic, write_jsonl_atomic)
+from jsonl import (JsonlAppender, check_prompt_fits, finalize, merge_shards, parse_shard, read_jsonl, read_queries,
+                   read_shard_configs, row_seed, shard_name, shard_owners, take_shard, write_json_atomic,
+                   write_jsonl_atomic)
 from model import load
 from sampler import code_open_probability, generate
 
@@ -351,11 +352,23 @@ def solution_rows(queries, args):
     return [(q, m, j) for m in modes for q in queries for j in range(args.samples)]
 
 
+def encode_prompts(tokenizer, rows, context):
+    """{(problem id, mode): the prompt's token ids} of the run's rows, each checked against the model's context as
+    soon as it is encoded (jsonl.check_prompt_fits): an oversized problem stops the run there, named by its id and
+    line, before any forward pass (explore.encode_prompts says why it is tokenized, not bounded by its length)."""
+    prompts = {}
+    for q, m, _ in rows:
+        if (q["id"], m) not in prompts:
+            prompts[q["id"], m] = task.encode_prompt(tokenizer, q["problem"], m)
+            check_prompt_fits(q, m, prompts[q["id"], m], context)
+    return prompts
+
+
 def evaluate(args):
     shard = parse_shard(args.shard)
     if shard[1] > 1:             # a dir of its own: a shard resumes, and extends, like a whole run
         args.out = os.path.join(args.out, shard_name(shard))
-    os.makedirs(args.out, exist_ok=True)
+    # read and checked first (an empty file, a duplicate id): a bad input fails before anything is written
     rows = solution_rows(take_shard(read_problems(args), shard), args)
     wanted = {record_id(q["id"], m, j, args.samples) for q, m, j in rows}
 
@@ -363,21 +376,21 @@ def evaluate(args):
     partial = final + ".partial"
     if os.path.exists(final) or os.path.exists(partial):
         check_resumable(args.out, args)
-    if os.path.exists(final):
-        if wanted <= {str(r["id"]) for r in read_jsonl(final)}:
-            todo = []
-        else:
-            os.replace(final, partial)   # a complete run of other modes: extend it
-    if not os.path.exists(final):
-        write_json_atomic(os.path.join(args.out, "eval_config.json"), vars(args))
+    complete = os.path.exists(final) and wanted <= {str(r["id"]) for r in read_jsonl(final)}
+    if not complete:
         on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         device = "cuda" if on_gpu else "cpu"
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")
         net, tokenizer = load(args.model, dtype=dtype, device=device)
+        # Every prompt of the run, checked before anything is written (and before a finished file is reopened)
+        prompts = encode_prompts(tokenizer, rows, net.config.max_position_embeddings)
+        if os.path.exists(final):
+            os.replace(final, partial)   # a complete run of other modes: extend it
+        os.makedirs(args.out, exist_ok=True)
+        write_json_atomic(os.path.join(args.out, "eval_config.json"), vars(args))
         tool = lambda responses: sandbox.tool(responses, timeout=args.tool_timeout)
         appender = JsonlAppender(partial)
         todo = [(q, m, j) for q, m, j in rows if record_id(q["id"], m, j, args.samples) not in appender.done_ids]
-        prompts = {(q["id"], m): task.encode_prompt(tokenizer, q["problem"], m) for q, m, _ in todo}
         # Similar lengths batched together: less padding (a row's tokens do not depend on its batch). The sort is
         # stable, so a problem's samples stay side by side and share one prefill.
         todo.sort(key=lambda row: (MODE_ORDER.index(row[1]), len(prompts[row[0]["id"], row[1]])))

@@ -46,8 +46,9 @@ import flags
 import sandbox
 import task
 from grade import grade
-from jsonl import (JsonlAppender, finalize, merge_shards, parse_shard, read_jsonl, read_queries, read_shard_configs,
-                   row_seed, shard_name, shard_owners, take_shard, write_json_atomic, write_jsonl_atomic)
+from jsonl import (JsonlAppender, check_prompt_fits, finalize, merge_shards, parse_shard, read_jsonl, read_queries,
+                   read_shard_configs, row_seed, shard_name, shard_owners, take_shard, write_json_atomic,
+                   write_jsonl_atomic)
 from model import DTYPES, load
 from sampler import code_open_probability, generate
 
@@ -251,6 +252,20 @@ def first_queries(path, n):
     return queries[:n] if n else queries
 
 
+def encode_prompts(tokenizer, queries, modes, context):
+    """{(query id, mode): the prompt's token ids} for every query in every mode, each checked against the model's
+    context as soon as it is encoded (jsonl.check_prompt_fits): an oversized query stops the run there, named by its
+    id and line, after one tokenization of it. The prompt's characters are no safe bound on its tokens (the tiny
+    tokenizer drops the characters outside its vocabulary, a normaliser can drop others), so it is tokenized."""
+    prompt_ids = {}
+    for query in queries:
+        for mode in modes:
+            ids = task.encode_prompt(tokenizer, query["problem"], mode)
+            check_prompt_fits(query, mode, ids, context)
+            prompt_ids[(query["id"], mode)] = ids
+    return prompt_ids
+
+
 def merge_run(out, n):
     """Join the n finished shards of OUT into OUT, OUT.config.json and OUT.summary.json: what one process would have
     written, rollout by rollout in query order."""
@@ -293,18 +308,20 @@ def main(argv=None):
     if os.path.exists(args.out):
         print(f"{args.out} is complete; nothing to do (delete it to explore again)")
         return
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     check_resumable(args.out, config)
-    write_json_atomic(args.out + ".config.json", config)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # The input is read and checked before anything is written or drawn: an empty file or a duplicate id is refused
+    # here, and a prompt too long for the model right after it is encoded, before any forward pass.
     queries = take_shard(first_queries(args.queries, args.n), shard)
     net, tokenizer = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     # The prompts of every query in every mode, and always the autonomous one: it replaces the guidance
     # in training (synthesize.py), so every record carries it.
-    prompt_ids = {(q["id"], mode): task.encode_prompt(tokenizer, q["problem"], mode)
-                  for q in queries for mode in set(args.modes) | {"auto"}}
+    prompt_ids = encode_prompts(tokenizer, queries, list(dict.fromkeys([*args.modes, "auto"])),
+                                net.config.max_position_embeddings)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_json_atomic(args.out + ".config.json", config)
     if args.tool_cache:
         tool = cached_tool(args.tool_timeout, args.tool_memory_mb, args.tool_workers or None)
     else:

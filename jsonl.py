@@ -9,6 +9,7 @@ independent of which process drew it.
 """
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -16,10 +17,17 @@ from grade import extract_answer
 
 
 def iter_jsonl(path):
-    """(line number, record) for every record of a JSONL file (blank lines skipped). A malformed line is
-    an error that names the file and the line, never a silently shorter data set."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    """(line number, record) for every record of a JSONL file (blank lines skipped). A malformed line, or one that
+    is not UTF-8, is an error that names the file and the line, never a silently shorter data set."""
+    # Read as bytes and decoded line by line: a text-mode file would raise a bare UnicodeDecodeError whose offset
+    # counts from the start of a read buffer, which names no line.
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                 f"{e.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -37,11 +45,18 @@ def read_jsonl(path):
     return [record for _, record in iter_jsonl(path)]
 
 
+# Where a query came from ("queries.jsonl:7"), kept on the query under this private key (read_queries sets it, no
+# stage writes it out), so that an error found later, once the model's tokenizer is loaded, still names the line.
+ORIGIN = "_origin"
+
+
 def read_queries(path):
     """Queries in the common formats: the text from `problem` or `question`; the gold from
     `answer`, a `solution` holding \\boxed{...}, or a GSM8K answer ending in "#### N". Every other
-    field (family, level, type, ...) is kept; a missing id becomes the line number."""
-    queries = []
+    field (family, level, type, ...) is kept; a missing id becomes the line number. Refused, naming the file (and
+    the lines): a file with no query, and two queries with one id (every record downstream is keyed by its query's id:
+    explore.py would draw both and synthesize.py refuse the rollouts only after they were paid for)."""
+    queries, first_line = [], {}
     for line_number, record in iter_jsonl(path):
         problem = record.get("problem", record.get("question"))
         if not isinstance(problem, str) or not problem.strip():
@@ -54,9 +69,71 @@ def read_queries(path):
         if answer is None or str(answer).strip() == "":
             raise ValueError(f"{path}:{line_number}: no gold answer ('answer', a 'solution' with "
                              "\\boxed{...}, or a '#### N' line)")
-        queries.append({**record, "id": str(record.get("id", line_number)),
-                        "problem": problem, "answer": str(answer).strip()})
+        query_id = str(record.get("id", line_number))
+        if query_id in first_line:
+            raise ValueError(f"{path}:{line_number}: duplicate id {query_id!r} (first on line "
+                             f"{first_line[query_id]}): give every query its own id")
+        first_line[query_id] = line_number
+        queries.append({**record, "id": query_id, "problem": problem, "answer": str(answer).strip(),
+                        ORIGIN: f"{path}:{line_number}"})
+    if not queries:
+        raise ValueError(f"{path}: no queries (the file is empty)")
     return queries
+
+
+def check_prompt_fits(query, mode, prompt_ids, context):
+    """Refuse a query whose prompt leaves the model no room for a single new token, naming the query and its line.
+    Called by explore.py and evaluate.py right after encoding, before any forward pass: the first forward over a
+    prompt (code_open_probability's, or generate's prefill) costs memory in its length, and a 10 MB problem made
+    explore.py grow to 23 GB before generate's own check could refuse it as "prompt 0"."""
+    if len(prompt_ids) >= context:
+        raise ValueError(f"{query.get(ORIGIN, 'the embedded task')}: query {query['id']!r}: its {mode} prompt is "
+                         f"{len(prompt_ids)} tokens, and the model's context of {context} leaves no room for a "
+                         f"response (a prompt may hold {context - 1} at most): shorten the problem or leave it out")
+
+
+# -----------------------------------------------------------------------------
+# Field types. A stage that reads another stage's records checks every field it uses where the record enters, so that
+# a wrong one is named by file, line and field, not met later as a TypeError deep in the computation, or as a wrong
+# number that raises nothing ("correct": "false" is a true value in Python). Each list check is a few passes in C
+# (set(map(type, ...)), sum), no Python loop per token: cheap beside the json.loads that read the line. type(v) is
+# int, not isinstance: bool is a subclass of int, and true is no token id.
+
+def _finite_numbers(values):
+    # sum() of a list of finite floats is finite: it is nan or inf when one is (the magnitudes here are far from
+    # overflowing), so one C-level pass checks them all
+    return set(map(type, values)) <= {int, float} and math.isfinite(sum(values))
+
+
+FIELD_KINDS = {   # kind: (check, what the field must hold, for the error)
+    "id": (lambda v: type(v) in (str, int), "a string or an integer"),
+    "str": (lambda v: type(v) is str, "a string"),
+    "bool": (lambda v: type(v) is bool, "true or false (a JSON boolean)"),
+    "count": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "number": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+    "probability": (lambda v: type(v) in (int, float) and 0 <= v <= 1, "a number in [0, 1]"),
+    "token_ids": (lambda v: type(v) is list and set(map(type, v)) <= {int}, "a list of integer token ids"),
+    "mask": (lambda v: type(v) is list and set(map(type, v)) <= {int, bool} and set(v) <= {0, 1}, "a list of 0/1"),
+    "numbers": (lambda v: type(v) is list and _finite_numbers(v), "a list of finite numbers"),
+}
+
+
+def check_fields(path, line_number, record, required, optional=None):
+    """Refuse a record whose fields are not of their kind (FIELD_KINDS), naming the file, the line, the record's id
+    and the field. required: {field: kind}, each must be present; optional: {field: kind}, checked when present and
+    not null."""
+    where = f"{path}:{line_number}" + (f": record {record['id']!r}" if "id" in record else "")
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise ValueError(f"{where}: lacks {', '.join(missing)}")
+    for name, kind in {**required, **(optional or {})}.items():
+        value = record.get(name)
+        if name in required or value is not None:
+            check, expected = FIELD_KINDS[kind]
+            if not check(value):
+                shown = json.dumps(value)
+                raise ValueError(f"{where}: field {name!r} must be {expected}, got "
+                                 f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
 
 
 class JsonlAppender:

@@ -416,17 +416,35 @@ def _hf_names(config: Config):
     return names
 
 
-def _read_safetensors(path: str) -> dict:
+def _load_safetensors_file(file: str) -> dict:
+    """The tensors of one .safetensors file; a file cut short (an interrupted copy or download) is named, with the size
+    its header promises: 8 bytes of header length, the header, then the data up to its largest end offset."""
     from safetensors.torch import load_file
+    try:
+        return load_file(file)
+    except Exception as e:
+        expected = "?"
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            expected = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except Exception:
+            pass
+        raise ValueError(f"{file}: not a complete safetensors file ({e}): {os.path.getsize(file)} bytes on disk, "
+                         f"{expected} expected; truncated by an interrupted copy or download? Copy it again") from None
+
+
+def _read_safetensors(path: str) -> dict:
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(single):
-        return load_file(single)
+        return _load_safetensors_file(single)
     if os.path.exists(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(os.path.join(path, shard)))
+            tensors.update(_load_safetensors_file(os.path.join(path, shard)))
         return tensors
     raise FileNotFoundError(f"{path}: no weights found; expected model.safetensors or model.safetensors.index.json")
 

@@ -366,14 +366,14 @@ def _row_seeds(seed, B):
     return list(seed)
 
 
-def _check_prompts(prompts, context, tokenizer, tool, stop_strings):
+def _check_prompts(prompts, context, tokenizer, tool, stop_strings, caller="generate"):
     if (tool is not None or stop_strings) and tokenizer is None:
-        raise ValueError("generate: tool calls and stop strings need the tokenizer")
+        raise ValueError(f"{caller}: tool calls and stop strings need the tokenizer")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"generate: prompt {i} is empty")
+            raise ValueError(f"{caller}: prompt {i} is empty")
         if len(prompt) > context:
-            raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens, longer than the model's context of "
+            raise ValueError(f"{caller}: prompt {i} has {len(prompt)} tokens, longer than the model's context of "
                              f"{context}")
 
 
@@ -511,6 +511,8 @@ def code_open_probability(net, tokenizer, prompts):
     through the output matrix."""
     if not prompts:
         return []
+    # generate's check, before this forward over every whole prompt: its memory grows with their length
+    _check_prompts(prompts, net.config.max_position_embeddings, tokenizer, None, None, "code_open_probability")
     openings = [encode_continuation(tokenizer, CODE_OPEN, list(p)) for p in prompts]
     rows = [list(p) + o for p, o in zip(prompts, openings)]
     width, longest = max(len(r) for r in rows), max(len(o) for o in openings)

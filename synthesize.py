@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 import flags
-from jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
+from jsonl import check_fields, iter_jsonl, write_json_atomic, write_jsonl_atomic
 from task import encode_continuation
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -68,8 +68,11 @@ METHODS = ("code", "cot")
 FORMS = ("posterior", "tempered", "argmax")
 GUIDED_MODES = {"code": "code", "cot": "cot"}   # method → the explore mode whose prompt guides to it
 AUTONOMOUS_MODE = "auto"
-REQUIRED = ("id", "query_id", "mode", "response_ids", "sampled_mask", "behaviour_logprobs", "calls",
-            "correct")
+# The fields of a rollout record this file uses, and their kinds (jsonl.FIELD_KINDS): checked as each line is read.
+REQUIRED = {"id": "id", "query_id": "id", "mode": "str", "response_ids": "token_ids", "sampled_mask": "mask",
+            "behaviour_logprobs": "numbers", "calls": "count", "correct": "bool"}
+OPTIONAL = {"k": "count", "prompt_ids": "token_ids", "auto_prompt_ids": "token_ids", "p_code_open": "probability",
+            "finish_reason": "str"}
 # The behaviour policy's sampling settings, copied from rollout to training record: train.py evaluates π_θ at
 # the records' temperature (None: a rollout file older than these fields; train.py then needs --temperature).
 SAMPLING = ("temperature", "top_p", "top_k")
@@ -77,24 +80,29 @@ SAMPLING = ("temperature", "top_p", "top_k")
 
 # ----------------------------------------------------------------------------- reading rollouts
 def read_rollouts(path):
-    """Every line a rollout record from explore.py; a malformed line is named by file and line."""
+    """Every line a rollout record from explore.py, each field of its kind; a malformed line is named by file and
+    line, and a file without a rollout is refused (explore.py refuses an empty query file: no rollout is a run that
+    went wrong, and an empty OUT would pass in em.sh for a finished stage)."""
     rollouts, seen = [], {}
     for lineno, record in iter_jsonl(path):
-        missing = [k for k in REQUIRED if k not in record]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: rollout record lacks {', '.join(missing)}")
+        check_fields(path, lineno, record, REQUIRED, OPTIONAL)
         n = len(record["response_ids"])
         if len(record["sampled_mask"]) != n or len(record["behaviour_logprobs"]) != n:
             raise ValueError(f"{path}:{lineno}: response_ids, sampled_mask and behaviour_logprobs "
                              f"differ in length")
-        if record["mode"] != AUTONOMOUS_MODE and "auto_prompt_ids" not in record:
+        # the prompt its training record will carry (autonomous_prompt_ids)
+        if record["mode"] != AUTONOMOUS_MODE and record.get("auto_prompt_ids") is None:
             raise ValueError(f"{path}:{lineno}: guided rollout without auto_prompt_ids (the autonomous "
                              f"prompt that replaces its guidance); rerun explore.py")
+        if record["mode"] == AUTONOMOUS_MODE and record.get("prompt_ids") is None:
+            raise ValueError(f"{path}:{lineno}: autonomous rollout without prompt_ids; rerun explore.py")
         if record["id"] in seen:
             raise ValueError(f"{path}:{lineno}: duplicate id {record['id']!r} (first on line "
                              f"{seen[record['id']]})")
         seen[record["id"]] = lineno
         rollouts.append(record)
+    if not rollouts:
+        raise ValueError(f"{path}: no rollouts (the file is empty)")
     return rollouts
 
 
@@ -439,10 +447,10 @@ def main(argv=None):
                                       for k, v in config.items()))
     if args.reflect and not args.model:
         sys.exit("--reflect needs --model=DIR (its tokenizer encodes the hints)")
+    rollouts = read_rollouts(args.rollouts)          # checked first: a bad file fails before anything else is done
     hints = {"code": args.hint_to_code, "cot": args.hint_to_cot}
     hint_ids = encode_hints(args.model, hints) if args.reflect else None
 
-    rollouts = read_rollouts(args.rollouts)
     by_query = defaultdict(list)
     for r in rollouts:
         by_query[r["query_id"]].append(r)
@@ -454,16 +462,21 @@ def main(argv=None):
                                         args.pi_source, args.pi_prior, args.samples_per_query,
                                         args.adv_eps, rng, args.reflect, hint_ids))
 
+    records = [record for res in results for record in res.records]
     summary = summarize(results, args.strategy, args.form)
     # The sampling settings the rollouts were drawn under (one, unless files were mixed: train.py refuses that)
     summary["behaviour_sampling"] = [dict(zip(SAMPLING, values)) for values in
                                      sorted({tuple(r.get(key) for key in SAMPLING) for r in rollouts}, key=str)]
     summary["config"] = config
+    table = format_table(summary)
+    # Nothing is written until everything above has succeeded, and OUT last, under a temporary name and renamed: em.sh
+    # takes an existing OUT for a finished stage. No training record (every group all wrong, say) is a result, not an
+    # error: train.py then saves the model unchanged.
     write_json_atomic(args.out + ".summary.json", summary)
-    # Written under a temporary name and renamed, last: a complete OUT means the stage is done.
-    write_jsonl_atomic(args.out, [record for res in results for record in res.records])
-    print(format_table(summary))
-    print(f"wrote {summary['by_family']['all']['examples']} training records to {args.out}")
+    write_jsonl_atomic(args.out, records)
+    print(table)
+    print(f"wrote {len(records)} training records to {args.out}"
+          + ("" if records else " (no query gave one: train.py will save the model unchanged)"))
 
 
 if __name__ == "__main__":
