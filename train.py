@@ -57,11 +57,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import flags
+import sandbox
 import scale
-from jsonl import iter_jsonl
+from grade import grade
+from jsonl import check_fields, iter_jsonl
 from logprobs import fused_logprobs
 from model import load, save
-from task import CODE_FAILS_FAMILIES, drill, encode_prompt, make_problems, teacher_solution, tokenize_response
+from sampler import generate
+from task import (CODE_FAILS_FAMILIES, FAMILIES, HARD_FAMILIES, drill, encode_prompt, make_problems, teacher_solution,
+                  tokenize_response)
 
 # ----------------------------------------------------------------------------- hyperparameters
 # every line below is a command-line flag (--name=value, see flags.py); its comment is the help
@@ -110,6 +114,9 @@ chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buff
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
 device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 log_every = 50           # print a loss line every this many steps
+check_every = 0          # warm start: every this many steps, log the greedy accuracy per family under the prompt of
+                         # the method EM needs there (code on mul and chain, CoT on the others); 0 = off
+check_n = 40             # held-out problems per family of that check
 # memory (README: On N GPUs; scale.py)
 fsdp = False             # shard the weights, gradients and AdamW state over the ranks (FSDP2) instead of a whole copy
                          # on each rank (DDP); bf16 compute on CUDA, fp32 master weights and gradient reduction
@@ -178,6 +185,38 @@ def warmstart_examples(tokenizer, args):
         ids = tokenizer.encode(drill(rng), add_special_tokens=False)
         examples.append(example([], ids, [1] * len(ids), [0.0] * len(ids), 0.0, True))
     return examples
+
+
+# The fields of a training record (synthesize.py's) that this file uses, and their kinds (jsonl.FIELD_KINDS); the RL
+# objective also needs each record's advantage and sft flag, SFT on records takes their absence as 0 and true.
+RECORD_FIELDS = {"prompt_ids": "token_ids", "response_ids": "token_ids", "trainable_mask": "mask",
+                 "behaviour_logprobs": "numbers"}
+RL_FIELDS = {"advantage": "number", "sft": "bool"}
+SAMPLING_FIELDS = {"temperature": "number", "top_p": "number", "top_k": "count"}   # null in records older than them
+
+
+def read_records(path, mode, vocab_size):
+    """[(line number, record)] of a training-record file, every record checked before anything trains on it: each
+    field of its kind, the masks and log-probs as long as the response, and every token id inside the model's
+    vocabulary, [0, vocab_size). An id outside it would otherwise surface deep in the first step, as an IndexError of
+    the embedding on the CPU and a device-side assert on CUDA, naming neither the file nor the record. min and max
+    are one pass in C over each list."""
+    lines = []
+    required, optional = ({**RECORD_FIELDS, **RL_FIELDS}, {}) if mode == "rl" else (RECORD_FIELDS, RL_FIELDS)
+    for line_number, r in iter_jsonl(path):
+        check_fields(path, line_number, r, required, {**optional, **SAMPLING_FIELDS})
+        where = f"{path}:{line_number}" + (f": record {r['id']!r}" if "id" in r else "")
+        n = len(r["response_ids"])
+        if len(r["trainable_mask"]) != n or len(r["behaviour_logprobs"]) != n:
+            raise ValueError(f"{where}: response_ids, trainable_mask and behaviour_logprobs differ in length")
+        for name in ("prompt_ids", "response_ids"):
+            ids = r[name]
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                bad = min(ids) if min(ids) < 0 else max(ids)
+                raise ValueError(f"{where}: {name} holds token id {bad}, outside the model's vocabulary of "
+                                 f"{vocab_size} (records of another model's tokenizer?)")
+        lines.append((line_number, r))
+    return lines
 
 
 def record_examples(records, mode):
@@ -365,11 +404,11 @@ def learning_rate(step, total_steps, peak, warmup_frac, min_lr_frac, warmup_step
 
 # -----------------------------------------------------------------------------
 
-def training_examples(args, tokenizer, max_len):
+def training_examples(args, tokenizer, max_len, vocab_size):
     """(examples, the records' sampling settings or None, how many were too long). Sets args.temperature to the
     T that π_θ is evaluated at: the records' own (see behaviour_policy), 1 for the warm start."""
     if args.data:
-        lines = list(iter_jsonl(args.data))
+        lines = read_records(args.data, args.mode, vocab_size)
         args.temperature, sampling = behaviour_policy(args.data, lines, args.temperature)
         examples = record_examples([r for _, r in lines], args.mode)
     else:
@@ -509,6 +548,38 @@ def announce(args, world_size, device, master):
     return memory
 
 
+def step_count(args, examples, world_size):
+    """Optimizer steps of the run: --steps for the warm start, --epochs over the records otherwise."""
+    if not examples:
+        # An E-step can find nothing to learn (e.g. every rollout wrong): the model goes on unchanged,
+        # so the EM loop does not stop.
+        print(f"warning: no training examples in {args.data!r} (mode={args.mode}); saving the model unchanged")
+        return 0
+    if not args.data:
+        return args.steps
+    return math.ceil(args.epochs * len(examples) / (args.batch_size * args.grad_accum * world_size))
+
+
+def warmstart_check(args, tokenizer):
+    """A function of the model: its greedy accuracy per family, forced to the method EM needs it to carry out there
+    (code on task.HARD_FAMILIES, CoT on the others), on check_n held-out problems of each family of the train side
+    (drawn with another seed; any that a training example poses are left out)."""
+    seen = {r["problem"] for r in make_problems(args.n_train, "train", seed=args.seed)}
+    drawn = make_problems(args.check_n * 20, "train", seed=args.seed + 10_000)
+    held_out = [r for r in drawn if r["problem"] not in seen]
+    problems = [r for f in FAMILIES for r in [r for r in held_out if r["family"] == f][:args.check_n]]
+    modes = ["code" if r["family"] in HARD_FAMILIES else "cot" for r in problems]
+
+    def forced_accuracy(model):
+        prompts = [encode_prompt(tokenizer, r["problem"], m) for r, m in zip(problems, modes)]
+        samples = generate(model, prompts, 192, temperature=0, seed=0, tokenizer=tokenizer, tool=sandbox.tool)
+        right = {}
+        for r, m, sample in zip(problems, modes, samples):
+            right.setdefault(f"{m}:{r['family']}", []).append(grade(sample.text, r["answer"])[1])
+        return {key: round(sum(v) / len(v), 3) for key, v in right.items()}
+    return forced_accuracy
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:
@@ -523,17 +594,12 @@ def main(argv=None):
     max_len = args.max_len or model.config.max_position_embeddings
     peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
 
-    examples, sampling, too_long = training_examples(args, tokenizer, max_len)
+    examples, sampling, too_long = training_examples(args, tokenizer, max_len, model.config.vocab_size)
     if too_long and master:
         print(f"dropped {too_long} of {len(examples) + too_long} examples longer than {max_len} tokens (prompt + "
               f"response): a cut response would be trained on without its end")
-    total_steps = args.steps if not args.data else \
-        math.ceil(args.epochs * len(examples) / (args.batch_size * args.grad_accum * world_size))
-    if not examples:
-        # An E-step can find nothing to learn (e.g. every rollout wrong): the model goes on unchanged,
-        # so the EM loop does not stop.
-        print(f"warning: no training examples in {args.data!r} (mode={args.mode}); saving the model unchanged")
-        total_steps = 0
+    total_steps = step_count(args, examples, world_size)
+    check = warmstart_check(args, tokenizer) if args.check_every and not args.data else None
     if master:
         print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
               f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
@@ -579,6 +645,9 @@ def main(argv=None):
         if master and ((step + 1) % args.log_every == 0 or step == total_steps - 1):
             tqdm.write(log_line(log, step, total_steps, args.log_every, args.mode))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
+        if check is not None and (step + 1) % args.check_every == 0:
+            log[-1]["forced_accuracy"] = check(model)
+            tqdm.write(f"step {step + 1}: forced accuracy {log[-1]['forced_accuracy']}")
 
     model = scale.gather_full_model(model) if args.fsdp else model  # every rank takes part; rank 0 gets it whole
     if master:
