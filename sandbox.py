@@ -983,9 +983,8 @@ def child_main(request, workdir, stdout_w, stderr_w, status_w, features, run_uid
         os.dup2(stdout_w, 1)
         os.dup2(stderr_w, 2)
         low, high = sorted((status_w, _lifeline[0]))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 65536)
+        for start, stop in ((3, low), (low + 1, high), (high + 1, 65536)):
+            os.closerange(start, stop)
         os.environ.clear()
         os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
         tempfile.tempdir = workdir  # the launcher's cached choice (/tmp) is not writable here
