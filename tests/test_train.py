@@ -4,15 +4,15 @@ in fp32 and, on CUDA, in bf16)."""
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
 
 import train
-from task import encode_prompt, make_problems, teacher_solution, tokenize_response
 from model import load, save
 from sampler import generate
-from task import tool_injection
+from task import encode_prompt, make_problems, teacher_solution, tokenize_response, tool_injection
 
 
 def test_m_step_loss_by_hand():
@@ -270,3 +270,33 @@ def test_a_short_run_still_warms_up():
     assert train.learning_rate(39, 40, peak, 0.03, 0.1, 10) == pytest.approx(1e-5)
     assert train.learning_rate(0, 3600, 4e-3, 0.03, 0.1, 10) == pytest.approx(4e-3 / 108)
     assert train.learning_rate(107, 3600, 4e-3, 0.03, 0.1, 10) == pytest.approx(4e-3)
+
+
+def test_the_warm_start_check_scores_each_family_under_the_method_em_needs(monkeypatch):
+    """The check poses mul and chain with the code prompt and the other families with the CoT one, on problems no
+    training example poses, and scores greedy answers per family: here a stand-in model that answers with the
+    teacher's solution in the prompt's style, except on mul_add where it answers 0."""
+    args = train.parse_args(["--n_train=50", "--check_n=3", "--seed=4"])
+    tokenizer = load("tiny")[1]
+    check = train.warmstart_check(args, tokenizer)
+    trained = {r["problem"] for r in make_problems(50, "train", seed=4)}
+    posed = []
+
+    def teacher(net, prompts, max_new_tokens, **kwargs):
+        samples = []
+        for ids in prompts:
+            text = tokenizer.decode(ids)
+            record = next(r for r in make_problems(60, "train", seed=4 + 10_000) if text.startswith(r["problem"]))
+            style = "code" if text.endswith("Use code.\n") else "cot"
+            posed.append((record["family"], style, record["problem"] in trained))
+            answer = teacher_solution(record, style) if record["family"] != "mul_add" else "\\boxed{0}"
+            samples.append(types.SimpleNamespace(text=answer))
+        return samples
+
+    monkeypatch.setattr(train, "generate", teacher)
+    accuracy = check(None)
+    assert accuracy == {"cot:add_sub": 1.0, "cot:mul_add": 0.0, "cot:last_digit": 1.0, "code:mul": 1.0,
+                        "code:chain": 1.0}
+    assert sorted({(f, s) for f, s, _ in posed}) == sorted([("add_sub", "cot"), ("mul_add", "cot"),
+                                                             ("last_digit", "cot"), ("mul", "code"), ("chain", "code")])
+    assert len(posed) == 15 and not any(seen for _, _, seen in posed)
