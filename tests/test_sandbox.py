@@ -427,7 +427,9 @@ def test_without_pidfd_runs_are_still_watched_and_nothing_leaks(launcher_with, t
 # runs the code in code.py on each launcher at once, prints the first result's status, and, with `again`, one more run
 # (on a new launcher, which removes what a killed one left) and that launcher's hello. Nothing preloaded: faster.
 TRAINER = '''
-import json, sys
+import json, signal, sys
+# Ctrl-C as in a terminal, even when this test runs in a background job, which starts with SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 import sandbox
 sandbox.PRELOAD = ()
