@@ -33,7 +33,7 @@ FORM=${FORM:-argmax}            # reference strategy s*: posterior | tempered (t
                                 # argmax here: the softer forms follow the model's own π where both methods
                                 # succeed, which lets code creep into easy families (docs/TASK.md)
 EPOCHS=${EPOCHS:-2}             # M-step passes over the synthesized records
-LR=${LR:-$([ -z "$MODEL" ] && [[ "$WARMSTART_ARGS" != *--init=* ]] && echo 1e-4 || echo 1e-6)}   # M-step peak
+LR=${LR:-$([ -z "$MODEL" ] && [[ "${WARMSTART_ARGS:-}" != *--init=* ]] && echo 1e-4 || echo 1e-6)}   # M-step peak
                                 # learning rate: 1e-4 for the 0.46M tiny preset, 1e-6 for a pretrained checkpoint
                                 # (MODEL, or a warm start from WARMSTART_ARGS=--init=DIR), as RL recipes for 1.5-7B use
 SFT_WEIGHT=${SFT_WEIGHT:-$([ "$STRATEGY" = rl ] && echo 0 || echo 1.0)}  # λ; RL-only has no D_s*, so no λ term.

@@ -61,3 +61,12 @@ def test_em_sh_runs_resumes_and_summarises(tmp_path):
     other = subprocess.run(["bash", os.path.join(REPO, "em.sh")], env=em_env(tmp_path, SEED="2"), capture_output=True,
                            text=True, timeout=60)
     assert other.returncode == 2 and "other knobs" in other.stderr
+
+
+def test_every_knob_has_a_default(tmp_path):
+    """em.sh runs under `set -u`: with no knob in the environment, every knob line must still expand. A bad STRATEGY
+    stops it right after the knobs, before any stage."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "STRATEGY": "bogus"}
+    result = subprocess.run(["bash", os.path.join(REPO, "em.sh")], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "STRATEGY must be em, rl or sft" in result.stderr, result.stderr
