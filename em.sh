@@ -9,7 +9,7 @@
 # output means a finished stage: rerunning after a kill skips what is done, and the interrupted stage
 # resumes its own partial file (explore, evaluate) or starts over (train, a few minutes at most).
 #
-#   bash em.sh                                 # the embedded default on a CPU, ~7 minutes on 2 cores
+#   bash em.sh                                 # the embedded default on a CPU, ~8 minutes on 2 cores
 #   SEED=2 bash em.sh                          # the same with every seed moved (run name demo-seed2)
 #   STRATEGY=rl bash em.sh                     # the paper's RL-only ablation (run name demo-rl)
 #   NAME=qwen MODEL=path/to/Qwen2.5-Math-1.5B-Instruct QUERIES=train.jsonl TEST=test.jsonl \
