@@ -52,7 +52,7 @@ def test_em_sh_runs_resumes_and_summarises(tmp_path):
     assert misses and all(m.startswith("forced ") and m.endswith(": 0.0%") for m in misses), misses
     assert "THE WARM START MISSED ITS THRESHOLDS" in second and misses[0] in second
     # a threshold it meets everywhere (0%) names nothing; the threshold is no knob of the stages: nothing reruns
-    passing = run_em(tmp_path, WARM_MIN="0")
+    passing = run_em(tmp_path, WARM_CODE_MIN="0", WARM_COT_MIN="0")
     assert "MISSED" not in passing and "at least 0.0%" in passing
     assert json.loads((run / "summary.json").read_text())[0]["warm_start_misses"] == []
     assert (run / "report.html").exists() and (run / "report.md").exists()
