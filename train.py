@@ -324,7 +324,8 @@ def token_logprobs(model, lm_weight, batch, temperature=1.0, chunk_size=256):
     hidden = model(batch["input_ids"], return_hidden=True)[:, :-1]
     trainable = batch["trainable"][:, 1:]
     targets = batch["input_ids"][:, 1:][trainable]
-    # Under bf16 autocast the kernel gets both operands in bf16 and does its softmax in fp32 itself.
+    # Autocast off: the kernel runs in the hidden states' dtype (the weight cast to it; fp32 where the final norm
+    # returns fp32, bf16 under FSDP's bf16 policy) and does its softmax in fp32 itself.
     with torch.autocast(hidden.device.type, enabled=False):
         return fused_logprobs(hidden[trainable], lm_weight.to(hidden.dtype), targets, chunk_size=chunk_size,
                               temperature=temperature, return_entropy=True)
