@@ -54,7 +54,9 @@ CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: ex
                                 # M-step as one process on every core. A decode step of the tiny model is mostly
                                 # per-op overhead, which a second thread does not share
 WARM_CODE_MIN=${WARM_CODE_MIN:-0.8}   # the warm start's forced accuracy the demo needs, per family, with code on mul
-WARM_COT_MIN=${WARM_COT_MIN:-0.9}     # and chain and with CoT on the others; below either, em.sh says so
+WARM_COT_MIN=${WARM_COT_MIN:-0.9}     # and chain and with CoT on the others: the tiny warm start trains until its
+                                      # check meets them (train.py --extra_frac), and below either on the test split
+                                      # after the warm start, em.sh says so
 PYTHON=${PYTHON:-python}
 # -----------------------------------------------------------------------------
 
@@ -138,7 +140,8 @@ mkdir -p "$RUN/iter_0"
 WARM_START=$([ -z "$MODEL" ] && echo 1 || echo 0)
 if [ -z "$MODEL" ]; then
     MODEL=$RUN/iter_0/model
-    stage "warm start" "$MODEL/config.json" $PYTHON train.py --out="$MODEL" --seed="$SEED" $WARMSTART_ARGS
+    stage "warm start" "$MODEL/config.json" $PYTHON train.py --out="$MODEL" --seed="$SEED" \
+        --code_min="$WARM_CODE_MIN" --cot_min="$WARM_COT_MIN" $WARMSTART_ARGS
 fi
 stage "evaluate 0" "$RUN/iter_0/eval/summary.json" \
     $SHARDED $PYTHON evaluate.py --model="$MODEL" --data="$TEST" --mode=all --out="$RUN/iter_0/eval" \
@@ -206,6 +209,10 @@ if warm_start and rows and rows[0]["iteration"] == 0:
     accuracy = {(m, f): rows[0].get(m, {}).get("by_family", {}).get(f, {}).get("accuracy") for m, f in wanted}
     rows[0]["warm_start_misses"] = [f"forced {m} on {f}: {pct(a).strip()}%" for (m, f), a in accuracy.items()
                                     if a is not None and a < minimum[m]]
+    config = os.path.join(run, "iter_0", "model", "train_config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            rows[0]["warm_start_steps"] = json.load(f).get("steps_run")
 write_json_atomic(os.path.join(run, "summary.json"), rows)
 
 # The embedded task's families in their order (CoT reliable first, CoT hopeless last), then any others.
@@ -225,9 +232,10 @@ if misses:
     print(f"\nem.sh: THE WARM START MISSED ITS THRESHOLDS (forced code below {pct(minimum['code']).strip()}% or "
           f"forced CoT below {pct(minimum['cot']).strip()}%): "
           f"{'; '.join(misses)}.\nEM cannot be expected to meet the demo's bars from it: try another SEED, or a "
-          f"longer warm start (WARMSTART_ARGS=--steps=N)")
+          f"longer warm start (WARMSTART_ARGS=\"--steps=N --extra_frac=F\")")
 elif misses is not None:
-    print(f"warm start: forced code on {', '.join(HARD_FAMILIES)} at least {pct(minimum['code']).strip()}%, forced "
+    print(f"warm start ({rows[0].get('warm_start_steps')} steps): forced code on {', '.join(HARD_FAMILIES)} at "
+          f"least {pct(minimum['code']).strip()}%, forced "
           f"CoT on {', '.join(EASY_FAMILIES)} at least {pct(minimum['cot']).strip()}%")
 print(f"wrote {os.path.join(run, 'summary.json')}")
 EOF

@@ -82,7 +82,10 @@ auto_code_frac = 0.15    # share of autonomous prompts answered with the code so
 habit_code_frac = 0.9    # the same share on task.CODE_FAILS_FAMILIES: the coder's habit EM has to unlearn
 drill_frac = 0.1         # share of the examples that are an arithmetic drill (task.drill), not a problem: practice
                          # of the one-digit facts that digit-level CoT is made of
-steps = 3600             # optimizer steps of the warm start (with --data, `epochs` sets the length instead)
+steps = 2400             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
+extra_frac = 0.5         # warm start of the tiny preset: while its check misses the thresholds below at the end of the
+                         # schedule, train on at the schedule's last learning rate, checking every check_every steps,
+                         # for at most this fraction of `steps` more
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)
@@ -114,9 +117,13 @@ chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buff
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
 device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 log_every = 50           # print a loss line every this many steps
-check_every = 0          # warm start: every this many steps, log the greedy accuracy per family under the prompt of
-                         # the method EM needs there (code on mul and chain, CoT on the others); 0 = off
+check_every = 200        # warm start of the tiny preset: from the end of the schedule on, every this many steps, the
+                         # greedy accuracy per family under the prompt of the method EM needs there (code on mul and
+                         # chain, CoT on the others); the warm start ends at the first check that meets both
+                         # thresholds; 0 = no check, exactly `steps` steps
 check_n = 40             # held-out problems per family of that check
+code_min = 0.8           # the check's threshold for forced code on task.HARD_FAMILIES
+cot_min = 0.9            # and for forced CoT on the others
 # memory (README: On N GPUs; scale.py)
 fsdp = False             # shard the weights, gradients and AdamW state over the ranks (FSDP2) instead of a whole copy
                          # on each rank (DDP); bf16 compute on CUDA, fp32 master weights and gradient reduction
@@ -581,6 +588,11 @@ def warmstart_check(args, tokenizer):
     return forced_accuracy
 
 
+def check_misses(accuracy, code_min, cot_min):
+    """The cells of a warm-start check below their method's threshold, as {"cot:add_sub": 0.85, ...}."""
+    return {key: a for key, a in accuracy.items() if a < (code_min if key.startswith("code:") else cot_min)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:
@@ -600,7 +612,13 @@ def main(argv=None):
         print(f"dropped {too_long} of {len(examples) + too_long} examples longer than {max_len} tokens (prompt + "
               f"response): a cut response would be trained on without its end")
     total_steps = step_count(args, examples, world_size)
-    check = warmstart_check(args, tokenizer) if args.check_every and not args.data else None
+    # EM can only learn to choose between methods the warm start can carry out, and how many steps the tiny model
+    # needs to learn them varies with the seed: the warm start of the tiny preset runs its schedule, then goes on at
+    # the schedule's last learning rate until a check on held-out problems meets the thresholds, at most extra_frac more.
+    check = (warmstart_check(args, tokenizer)
+             if args.check_every and args.init == "tiny" and not args.data and not distributed else None)
+    last_step = total_steps + (round(args.extra_frac * total_steps) if check is not None else 0)
+    checked, misses = None, None
     if master:
         print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
               f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
@@ -622,7 +640,7 @@ def main(argv=None):
 
     log, t_step = [], time.time()
     model.train()
-    bar = tqdm(range(total_steps), desc=f"train {args.mode}", disable=not master, dynamic_ncols=True)
+    bar = tqdm(range(last_step), desc=f"train {args.mode}", disable=not master, dynamic_ncols=True)
     for step in bar:
         lr_now = learning_rate(step, total_steps, peak_lr, args.warmup_frac, args.min_lr_frac, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -643,18 +661,27 @@ def main(argv=None):
 
         log.append(log_entry(step, lr_now, step_stats, grad_norm.item(), world_size, time.time() - t_step, args.mode))
         t_step = time.time()
-        if master and ((step + 1) % args.log_every == 0 or step == total_steps - 1):
-            tqdm.write(log_line(log, step, total_steps, args.log_every, args.mode))
+        if master and ((step + 1) % args.log_every == 0 or step == last_step - 1):
+            tqdm.write(log_line(log, step, last_step, args.log_every, args.mode))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
-        if check is not None and (step + 1) % args.check_every == 0:
-            log[-1]["forced_accuracy"] = check(model)
-            tqdm.write(f"step {step + 1}: forced accuracy {log[-1]['forced_accuracy']}")
+        if check is not None and step + 1 >= total_steps and ((step + 1 - total_steps) % args.check_every == 0
+                                                              or step + 1 == last_step):
+            checked = log[-1]["forced_accuracy"] = check(model)
+            misses = check_misses(checked, args.code_min, args.cot_min)
+            tqdm.write(f"step {step + 1}: forced accuracy {checked}" + (f", below the thresholds: {misses}"
+                                                                       if misses else ", every threshold met"))
+            if not misses:
+                break
+    if misses:
+        print(f"THE WARM START MISSED ITS THRESHOLDS after {last_step} steps (forced code {args.code_min:.0%}, "
+              f"forced CoT {args.cot_min:.0%}): {misses}. EM cannot be expected to meet the demo's bars from it")
 
     model = scale.gather_full_model(model) if args.fsdp else model  # every rank takes part; rank 0 gets it whole
     if master:
         # args.temperature is the T used (resolved from the records when the flag was 0)
         save_run(model, tokenizer, {**vars(args), "behaviour_sampling": sampling, "examples": len(examples),
-                                    "dropped_too_long": too_long, **memory}, log)
+                                    "dropped_too_long": too_long, "steps_run": len(log), "check": checked,
+                                    "check_misses": misses, **memory}, log)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def em_env(runs, **knobs):
     return {**os.environ, "PYTHON": sys.executable, "RUNS": str(runs), "NAME": "toy", "ITERS": "1",
             "N_QUERIES": "3", "N_TEST": "3", "K": "1", "MAX_NEW_TOKENS": "12", "EPOCHS": "1",
-            "WARMSTART_ARGS": "--steps=3 --n_train=24 --batch_size=4", "TRAIN_ARGS": "--batch_size=4",
+            "WARMSTART_ARGS": "--steps=3 --n_train=24 --batch_size=4 --check_every=0", "TRAIN_ARGS": "--batch_size=4",
             "OMP_NUM_THREADS": "1", **knobs}
 
 
@@ -51,6 +51,7 @@ def test_em_sh_runs_resumes_and_summarises(tmp_path):
     misses = summary[0]["warm_start_misses"]
     assert misses and all(m.startswith("forced ") and m.endswith(": 0.0%") for m in misses), misses
     assert "THE WARM START MISSED ITS THRESHOLDS" in second and misses[0] in second
+    assert summary[0]["warm_start_steps"] == 3
     # a threshold it meets everywhere (0%) names nothing; the threshold is no knob of the stages: nothing reruns
     passing = run_em(tmp_path, WARM_CODE_MIN="0", WARM_COT_MIN="0")
     assert "MISSED" not in passing and "at least 0.0%" in passing
