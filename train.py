@@ -82,8 +82,8 @@ auto_code_frac = 0.15    # share of autonomous prompts answered with the code so
 habit_code_frac = 0.9    # the same share on task.CODE_FAILS_FAMILIES: the coder's habit EM has to unlearn
 drill_frac = 0.1         # share of the examples that are an arithmetic drill (task.drill), not a problem: practice
                          # of the one-digit facts that digit-level CoT is made of
-steps = 2400             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
-extra_frac = 0.5         # warm start of the tiny preset: while its check misses the thresholds below at the end of the
+steps = 3600             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
+extra_frac = 0.25        # warm start of the tiny preset: while its check misses the thresholds below at the end of the
                          # schedule, train on at the schedule's last learning rate, checking every check_every steps,
                          # for at most this fraction of `steps` more
 epochs = 2.0             # passes over the records of --data
