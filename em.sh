@@ -235,8 +235,8 @@ if misses:
           f"longer warm start (WARMSTART_ARGS=\"--steps=N --extra_frac=F\")")
 elif misses is not None:
     print(f"warm start ({rows[0].get('warm_start_steps')} steps): forced code on {', '.join(HARD_FAMILIES)} at "
-          f"least {pct(minimum['code']).strip()}%, forced "
-          f"CoT on {', '.join(EASY_FAMILIES)} at least {pct(minimum['cot']).strip()}%")
+          f"least {pct(minimum['code']).strip()}%, forced CoT on {', '.join(EASY_FAMILIES)} at least "
+          f"{pct(minimum['cot']).strip()}%")
 print(f"wrote {os.path.join(run, 'summary.json')}")
 EOF
 # runs/$NAME/report.html and report.md: the same numbers as plots and tables, with s* per family and the stage times.

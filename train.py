@@ -614,7 +614,7 @@ def main(argv=None):
     total_steps = step_count(args, examples, world_size)
     # EM can only learn to choose between methods the warm start can carry out, and how many steps the tiny model
     # needs to learn them varies with the seed: the warm start of the tiny preset runs its schedule, then goes on at
-    # the schedule's last learning rate until a check on held-out problems meets the thresholds, at most extra_frac more.
+    # the schedule's last learning rate until a check on held-out problems meets the thresholds (extra_frac at most).
     check = (warmstart_check(args, tokenizer)
              if args.check_every and args.init == "tiny" and not args.data and not distributed else None)
     last_step = total_steps + (round(args.extra_frac * total_steps) if check is not None else 0)

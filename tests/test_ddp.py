@@ -9,7 +9,8 @@ import train
 from model import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WARM_START = ["--device=cpu", "--steps=3", "--warmup_steps=1", "--check_every=0", "--n_train=32", "--seed=0", "--log_every=100"]
+WARM_START = ["--device=cpu", "--steps=3", "--warmup_steps=1", "--check_every=0", "--n_train=32", "--seed=0",
+              "--log_every=100"]
 
 
 def test_two_ranks_train_what_one_process_trains_on_their_union(tmp_path, monkeypatch):
