@@ -12,8 +12,8 @@ The two em.sh runs go side by side (one core each, each stage one thread); each 
                  transformers' own apply_chat_template gives
   records        train.jsonl carries the autonomous prompt's ids and the sampler's tokens, mask and behaviour log-probs
   ratio          at θ = θ_b the trainer's log-probs (train.py's own functions; and an independent transformers forward)
-                 equal the sampler's on every trainable token of the autonomous rollouts: ρ = 1, tool output masked,
-                 the trigger and the injected output where the sampler put them
+                 equal the sampler's on every trainable token of every rollout under the prompt it was sampled with:
+                 ρ = 1, tool output masked, the trigger and the injected output where the sampler put them
   EOS            a row that ended at EOS ends with an EOS id and is trained on it
   checkpoint     the M-step's checkpoint reloads in transformers with model.load's logits, its template intact
   summaries      every stage's summary has its fields
@@ -229,14 +229,6 @@ def test_tool_calls_inject_the_tools_output_after_the_trigger(run):
             assert expected.startswith(injected) if cut else injected == expected, before
 
 
-def autonomous_records(run):
-    """Training records of the rollouts sampled under the autonomous prompt, as synthesize.py writes them (its
-    training_record; em.sh's EM trains on the guided pools, the RL-only ablation on these), with those of train.jsonl
-    that came from the autonomous prompt."""
-    records = [synthesize.training_record(r, 1.0, True) for r in run.rollouts if r["mode"] == "auto"]
-    return records + [r for r in run.records if r["source_mode"] == "auto"]
-
-
 def trainer_logprobs(net, records, pad_id, prompt_of=None):
     """train.py's log π_θ of the records' trainable tokens (its example / collate / token_logprobs), and the
     behaviour log-probs at the same tokens, both [N]."""
@@ -250,13 +242,26 @@ def trainer_logprobs(net, records, pad_id, prompt_of=None):
     return logprobs, batch["behaviour_logprobs"][:, 1:][trainable], batch
 
 
+def sampled_records(run):
+    """Every rollout as a training record under the prompt it was sampled with (π_b's own context), with the
+    autonomous ones as synthesize.py writes them (its training_record; em.sh's EM trains on the guided pools, the
+    RL-only ablation on these) and the records of train.jsonl that came from the autonomous prompt. The guided
+    code rollouts are the ones that call the tool for certain: how often a few autonomous rollouts of a model
+    fitted for seconds call it depends on the last bits of the fit, which differ between CPUs."""
+    guided = [{**synthesize.training_record(r, 1.0, True), "prompt_ids": r["prompt_ids"]}
+              for r in run.rollouts if r["mode"] != "auto"]
+    autonomous = [synthesize.training_record(r, 1.0, True) for r in run.rollouts if r["mode"] == "auto"]
+    return guided + autonomous + [r for r in run.records if r["source_mode"] == "auto"]
+
+
 def test_on_policy_ratio_is_one_at_theta_b(run):
-    """θ = θ_b (the checkpoint explore.py sampled with): the trainer's π_θ of every trainable token of the autonomous
-    rollouts is the sampler's π_b, so ρ = 1, KL = 0 and nothing is clipped; tool output is left out and the tokens
-    after it line up. An independent forward by transformers gives the same log-probs."""
-    records = autonomous_records(run)
-    assert any(r["trainable_mask"].count(0) for r in records), "no autonomous rollout called the tool"
-    assert any(run.by_id[r["id"]]["finish_reason"] == "eos" for r in records), "no autonomous rollout ended at EOS"
+    """θ = θ_b (the checkpoint explore.py sampled with): the trainer's π_θ of every trainable token of every rollout,
+    under the prompt it was sampled with, is the sampler's π_b, so ρ = 1, KL = 0 and nothing is clipped; tool output
+    is left out and the tokens after it line up. An independent forward by transformers gives the same log-probs."""
+    records = sampled_records(run)
+    assert any(r["trainable_mask"].count(0) for r in records), "no rollout called the tool"
+    assert any(run.by_id[r["id"]]["finish_reason"] == "eos" for r in records), "no rollout ended at EOS"
+    assert {r["source_mode"] for r in records} == set(task.MODES)
     net, tokenizer = model.load(run.model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     logprobs, behaviour, _ = trainer_logprobs(net, records, pad_id)
