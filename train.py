@@ -83,9 +83,8 @@ habit_code_frac = 0.9    # the same share on task.CODE_FAILS_FAMILIES: the coder
 drill_frac = 0.1         # share of the examples that are an arithmetic drill (task.drill), not a problem: practice
                          # of the one-digit facts that digit-level CoT is made of
 steps = 3600             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
-extra_frac = 0.25        # warm start of the tiny preset: while its check misses the thresholds below at the end of the
-                         # schedule, train on at the schedule's last learning rate, checking every check_every steps,
-                         # for at most this fraction of `steps` more
+restarts = 1             # warm start of the tiny preset: a schedule that ends below the check's thresholds (below)
+                         # starts again from a new initialisation and batch order, at most this many times
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)
@@ -117,11 +116,9 @@ chunk_size = 256         # rows per chunk of the fused log-prob kernel (its buff
 seed = 0                 # seeds the model init (tiny), the warm-start data and the batch order
 device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
 log_every = 50           # print a loss line every this many steps
-check_every = 200        # warm start of the tiny preset: from the end of the schedule on, every this many steps, the
-                         # greedy accuracy per family under the prompt of the method EM needs there (code on mul and
-                         # chain, CoT on the others); the warm start ends at the first check that meets both
-                         # thresholds; 0 = no check, exactly `steps` steps
-check_n = 40             # held-out problems per family of that check
+check_n = 40             # warm start of the tiny preset: at the end of its schedule, the greedy accuracy per family
+                         # on this many held-out problems each, under the prompt of the method EM needs there (code
+                         # on mul and chain, CoT on the others); 0 = no check (and no restart)
 code_min = 0.8           # the check's threshold for forced code on task.HARD_FAMILIES
 cot_min = 0.9            # and for forced CoT on the others
 # memory (README: On N GPUs; scale.py)
@@ -593,40 +590,13 @@ def check_misses(accuracy, code_min, cot_min):
     return {key: a for key, a in accuracy.items() if a < (code_min if key.startswith("code:") else cot_min)}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.plan:
-        return print_plan(args), []
-    distributed, rank, world_size, device = setup_device(args.device, args.fsdp)
-    master = rank == 0
-    memory = announce(args, world_size, device, master)
-
-    torch.manual_seed(args.seed)
-    # FSDP: loaded in host memory; sharding moves each rank's part to its GPU
-    model, tokenizer = load(args.init, device="cpu" if args.fsdp else device, seed=args.seed)
-    max_len = args.max_len or model.config.max_position_embeddings
-    peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
-
-    examples, sampling, too_long = training_examples(args, tokenizer, max_len, model.config.vocab_size)
-    if too_long and master:
-        print(f"dropped {too_long} of {len(examples) + too_long} examples longer than {max_len} tokens (prompt + "
-              f"response): a cut response would be trained on without its end")
-    total_steps = step_count(args, examples, world_size)
-    # EM can only learn to choose between methods the warm start can carry out, and how many steps the tiny model
-    # needs to learn them varies with the seed: the warm start of the tiny preset runs its schedule, then goes on at
-    # the schedule's last learning rate until a check on held-out problems meets the thresholds (extra_frac at most).
-    check = (warmstart_check(args, tokenizer)
-             if args.check_every and args.init == "tiny" and not args.data and not distributed else None)
-    last_step = total_steps + (round(args.extra_frac * total_steps) if check is not None else 0)
-    checked, misses = None, None
-    if master:
-        print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
-              f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
-              + (f" (π_b of the records: {sampling})" if sampling else ""))
+def train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, log, memory, distributed, rank,
+                   world_size, device, master):
+    """One learning-rate schedule of total_steps optimizer steps on the examples, drawn in an order of `seed`;
+    appends each step's entry to `log`."""
     # Each rank trains on its own shard, drawn in its own order.
-    stream = batches(examples[rank::world_size] or examples, args.batch_size, random.Random(args.seed + rank),
+    stream = batches(examples[rank::world_size] or examples, args.batch_size, random.Random(seed + rank),
                      args.length_window)
-
     trained_model, lm_weight = wrap_model(model, args, distributed, device)
     optimizer, params = make_optimizer(model, args, peak_lr, device)
     # bf16 autocast on CUDA, as explore.py's default dtype samples there, so that ρ ≈ 1 at θ = θ_b. The gap that
@@ -634,13 +604,11 @@ def main(argv=None):
     # fp32 norms and residuals) is unmeasured here (no GPU): tests/test_train.py's on-policy ratio test on CUDA
     # measures it (mean ρ and KL at step 0 on the model's own bf16 samples).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     clip_eps, sft_weight, dual_clip = ((args.clip_eps, args.sft_weight, args.dual_clip) if args.mode == "rl"
                                        else (0.0, 1.0, 0.0))
-
-    log, t_step = [], time.time()
+    t_step = time.time()
     model.train()
-    bar = tqdm(range(last_step), desc=f"train {args.mode}", disable=not master, dynamic_ncols=True)
+    bar = tqdm(range(total_steps), desc=f"train {args.mode}", disable=not master, dynamic_ncols=True)
     for step in bar:
         lr_now = learning_rate(step, total_steps, peak_lr, args.warmup_frac, args.min_lr_frac, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -661,27 +629,70 @@ def main(argv=None):
 
         log.append(log_entry(step, lr_now, step_stats, grad_norm.item(), world_size, time.time() - t_step, args.mode))
         t_step = time.time()
-        if master and ((step + 1) % args.log_every == 0 or step == last_step - 1):
-            tqdm.write(log_line(log, step, last_step, args.log_every, args.mode))
+        if master and ((step + 1) % args.log_every == 0 or step == total_steps - 1):
+            tqdm.write(log_line(log, step, total_steps, args.log_every, args.mode))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
-        if check is not None and step + 1 >= total_steps and ((step + 1 - total_steps) % args.check_every == 0
-                                                              or step + 1 == last_step):
-            checked = log[-1]["forced_accuracy"] = check(model)
-            misses = check_misses(checked, args.code_min, args.cot_min)
-            tqdm.write(f"step {step + 1}: forced accuracy {checked}" + (f", below the thresholds: {misses}"
-                                                                       if misses else ", every threshold met"))
-            if not misses:
-                break
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plan:
+        return print_plan(args), []
+    distributed, rank, world_size, device = setup_device(args.device, args.fsdp)
+    master = rank == 0
+    memory = announce(args, world_size, device, master)
+
+    torch.manual_seed(args.seed)
+    # FSDP: loaded in host memory; sharding moves each rank's part to its GPU
+    model, tokenizer = load(args.init, device="cpu" if args.fsdp else device, seed=args.seed)
+    max_len = args.max_len or model.config.max_position_embeddings
+    peak_lr = args.lr if args.init == "tiny" else args.finetune_lr
+
+    examples, sampling, too_long = training_examples(args, tokenizer, max_len, model.config.vocab_size)
+    if too_long and master:
+        print(f"dropped {too_long} of {len(examples) + too_long} examples longer than {max_len} tokens (prompt + "
+              f"response): a cut response would be trained on without its end")
+    total_steps = step_count(args, examples, world_size)
+    # EM can only learn to choose between methods the warm start can carry out, and the tiny model learns them at the
+    # edge of what it can: a trajectory now and then (two seeds in ten) ends its schedule unable to copy an operand
+    # into a program or to finish digit-level CoT, and training on at the last learning rate did not repair one
+    # (docs/LOG.md). Another trajectory of the same recipe mostly does: so the warm start of the tiny preset ends on
+    # a check on held-out problems, and a schedule that misses it starts again from a new initialisation.
+    check = (warmstart_check(args, tokenizer)
+             if args.check_n and args.init == "tiny" and not args.data and not distributed else None)
+    if master:
+        print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
+              f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
+              + (f" (π_b of the records: {sampling})" if sampling else ""))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log, checked, misses = [], None, None
+    for attempt in range(1 + (args.restarts if check is not None else 0)):
+        seed = args.seed + 1000 * attempt
+        if attempt:
+            print(f"restart {attempt} of {args.restarts}: a new initialisation and batch order (seed {seed})")
+            torch.manual_seed(seed)
+            model, _ = load(args.init, device=device, seed=seed)
+        train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, log, memory,
+                       distributed, rank, world_size, device, master)
+        if check is None:
+            break
+        checked = log[-1]["forced_accuracy"] = check(model)
+        misses = check_misses(checked, args.code_min, args.cot_min)
+        print(f"forced accuracy after {total_steps} steps: {checked}"
+              + (f", below the thresholds: {misses}" if misses else ", every threshold met"))
+        if not misses:
+            break
     if misses:
-        print(f"THE WARM START MISSED ITS THRESHOLDS after {last_step} steps (forced code {args.code_min:.0%}, "
-              f"forced CoT {args.cot_min:.0%}): {misses}. EM cannot be expected to meet the demo's bars from it")
+        print(f"THE WARM START MISSED ITS THRESHOLDS after {attempt + 1} schedules of {total_steps} steps (forced "
+              f"code {args.code_min:.0%}, forced CoT {args.cot_min:.0%}): {misses}. EM cannot be expected to meet "
+              f"the demo's bars from it")
 
     model = scale.gather_full_model(model) if args.fsdp else model  # every rank takes part; rank 0 gets it whole
     if master:
         # args.temperature is the T used (resolved from the records when the flag was 0)
         save_run(model, tokenizer, {**vars(args), "behaviour_sampling": sampling, "examples": len(examples),
                                     "dropped_too_long": too_long, "steps_run": len(log), "check": checked,
-                                    "check_misses": misses, **memory}, log)
+                                    "check_misses": misses, "restarts_run": attempt, **memory}, log)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

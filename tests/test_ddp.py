@@ -9,7 +9,7 @@ import train
 from model import load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WARM_START = ["--device=cpu", "--steps=3", "--warmup_steps=1", "--check_every=0", "--n_train=32", "--seed=0",
+WARM_START = ["--device=cpu", "--steps=3", "--warmup_steps=1", "--check_n=0", "--n_train=32", "--seed=0",
               "--log_every=100"]
 
 

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def em_env(runs, **knobs):
     return {**os.environ, "PYTHON": sys.executable, "RUNS": str(runs), "NAME": "toy", "ITERS": "1",
             "N_QUERIES": "3", "N_TEST": "3", "K": "1", "MAX_NEW_TOKENS": "12", "EPOCHS": "1",
-            "WARMSTART_ARGS": "--steps=3 --n_train=24 --batch_size=4 --check_every=0", "TRAIN_ARGS": "--batch_size=4",
+            "WARMSTART_ARGS": "--steps=3 --n_train=24 --batch_size=4 --check_n=0", "TRAIN_ARGS": "--batch_size=4",
             "OMP_NUM_THREADS": "1", **knobs}
 
 

@@ -20,7 +20,7 @@ from model import MLP, TINY_CONFIG, Config, Transformer, load
 from task import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["--device=cpu", "--steps=3", "--warmup_steps=1", "--check_every=0", "--n_train=32", "--seed=0", "--log_every=100",
+STEPS = ["--device=cpu", "--steps=3", "--warmup_steps=1", "--check_n=0", "--n_train=32", "--seed=0", "--log_every=100",
          "--finetune_lr=4e-3"]
 RUNS = {"qwen2": ["--fsdp=true"],   # untied head, qkv bias, GQA, from an HF checkpoint dir
         "tiny": ["--fsdp=true", "--activation_checkpointing=true", "--cpu_offload=true"]}   # tied head

@@ -202,7 +202,7 @@ def test_records_longer_than_max_len_are_dropped_and_counted(tmp_path, capsys):
 def test_sft_steps_reduce_the_loss_and_the_checkpoint_round_trips(tmp_path):
     out = str(tmp_path / "warmstart")
     model, log = train.main(["--device=cpu", "--steps=16", "--n_train=128", "--batch_size=8", "--log_every=100",
-                             "--check_every=0", f"--out={out}"])
+                             "--check_n=0", f"--out={out}"])
     first, last = sum(e["loss"] for e in log[:4]) / 4, sum(e["loss"] for e in log[-4:]) / 4
     assert last < first - 0.5
     assert json.load(open(os.path.join(out, "train_config.json")))["steps"] == 16
@@ -302,34 +302,43 @@ def test_the_warm_start_check_scores_each_family_under_the_method_em_needs(monke
     assert len(posed) == 15 and not any(seen for _, _, seen in posed)
 
 
-@pytest.mark.parametrize("script, steps_run", [
-    (["met"], 4),                                # met at the end of the schedule: not a step more
-    (["cot", "code", "met", "met"], 8),          # two misses, then met after 4 steps at the floor
-    (["cot", "cot", "code", "cot", "cot"], 10),  # never met: it stops after extra_frac * steps more, and says so
-])
-def test_the_warm_start_trains_on_at_the_floor_until_its_check_is_met(tmp_path, monkeypatch, capsys, script,
-                                                                        steps_run):
-    """A 4-step schedule (peak 4e-3, floor 4e-4) with extra_frac 1.5 and a check every 2 steps from step 4 on:
-    the checks' scripted answers decide the length; every step past the schedule is at its last learning rate."""
+@pytest.mark.parametrize("script", [["met"], ["cot", "met"], ["code", "cot"]])
+def test_a_warm_start_that_misses_its_check_starts_again_from_a_new_initialisation(tmp_path, monkeypatch, capsys,
+                                                                                    script):
+    """A 4-step schedule checked at its end (scripted answers), with one restart: met at once, it is the run without
+    a check, weight for weight; missed, the whole schedule runs again (the learning rate from its warmup) from a
+    model initialised with another seed, and a second miss is said in capitals and in train_config.json."""
     answers = {"met": {"cot:add_sub": 0.9, "code:mul": 0.8},
                "cot": {"cot:add_sub": 0.875, "code:mul": 1.0},
                "code": {"cot:add_sub": 1.0, "code:mul": 0.775}}
-    checked_at = []
+    checked = []
 
     def scripted_check(args, tokenizer):
         def check(model):
-            checked_at.append(len(checked_at))
-            return answers[script[len(checked_at) - 1]]
+            checked.append({k: v.clone() for k, v in model.state_dict().items()})
+            return answers[script[len(checked) - 1]]
         return check
 
+    common = ["--device=cpu", "--steps=4", "--warmup_steps=1", "--warmup_frac=0", "--n_train=32", "--batch_size=2",
+              "--log_every=100", "--seed=5"]
+    reference, _ = train.main([*common, "--check_n=0", f"--out={tmp_path / 'reference'}"])
+    seeds = []
+    real_load = train.load
+    monkeypatch.setattr(train, "load", lambda *a, **k: seeds.append(k.get("seed")) or real_load(*a, **k))
     monkeypatch.setattr(train, "warmstart_check", scripted_check)
     out = tmp_path / "warmstart"
-    _, log = train.main(["--device=cpu", "--steps=4", "--extra_frac=1.5", "--check_every=2", "--warmup_steps=1",
-                         "--warmup_frac=0", "--n_train=32", "--batch_size=2", "--log_every=100", f"--out={out}"])
-    assert len(log) == steps_run and len(checked_at) == (steps_run - 4) // 2 + 1
-    assert [e["lr"] for e in log[:4]] == pytest.approx([4e-3, 4e-3, 2.2e-3, 4e-4])
-    assert all(e["lr"] == pytest.approx(4e-4) for e in log[4:])
+    model, log = train.main([*common, "--restarts=1", f"--out={out}"])
+
+    assert len(checked) == len(script) and len(log) == 4 * len(script) and seeds == [5, 1005][:len(script)]
+    assert [e["lr"] for e in log] == pytest.approx([4e-3, 4e-3, 2.2e-3, 4e-4] * len(script))
+    for key, value in reference.state_dict().items():   # the first schedule is the check-free run's
+        assert torch.equal(checked[0][key], value), key
+    final = model.state_dict()
+    assert all(torch.equal(final[k], checked[-1][k]) for k in final)
+    restarted = len(script) > 1
+    assert any(not torch.equal(final[k], reference.state_dict()[k]) for k in final) == restarted
     config = json.load(open(out / "train_config.json"))
-    assert config["steps_run"] == steps_run and config["check"] == answers[script[len(checked_at) - 1]]
+    assert config["steps_run"] == len(log) and config["restarts_run"] == len(script) - 1
+    assert config["check"] == answers[script[-1]]
     missed = "THE WARM START MISSED ITS THRESHOLDS" in capsys.readouterr().out
     assert missed == (script[-1] != "met") and bool(config["check_misses"]) == missed
