@@ -303,11 +303,10 @@ def test_the_warm_start_check_scores_each_family_under_the_method_em_needs(monke
 
 
 @pytest.mark.parametrize("script", [["met"], ["cot", "met"], ["code", "cot"]])
-def test_a_warm_start_that_misses_its_check_starts_again_from_a_new_initialisation(tmp_path, monkeypatch, capsys,
-                                                                                    script):
+def test_a_warm_start_that_misses_its_check_is_replaced_by_another_seeds(tmp_path, monkeypatch, capsys, script):
     """A 4-step schedule checked at its end (scripted answers), with one restart: met at once, it is the run without
-    a check, weight for weight; missed, the whole schedule runs again (the learning rate from its warmup) from a
-    model initialised with another seed, and a second miss is said in capitals and in train_config.json."""
+    a check, weight for weight; missed, the whole warm start runs again as that of seed + 1000 (the run without a
+    check at that seed, weight for weight), and a second miss is said in capitals and in train_config.json."""
     answers = {"met": {"cot:add_sub": 0.9, "code:mul": 0.8},
                "cot": {"cot:add_sub": 0.875, "code:mul": 1.0},
                "code": {"cot:add_sub": 1.0, "code:mul": 0.775}}
@@ -320,25 +319,22 @@ def test_a_warm_start_that_misses_its_check_starts_again_from_a_new_initialisati
         return check
 
     common = ["--device=cpu", "--steps=4", "--warmup_steps=1", "--warmup_frac=0", "--n_train=32", "--batch_size=2",
-              "--log_every=100", "--seed=5"]
-    reference, _ = train.main([*common, "--check_n=0", f"--out={tmp_path / 'reference'}"])
-    seeds = []
-    real_load = train.load
-    monkeypatch.setattr(train, "load", lambda *a, **k: seeds.append(k.get("seed")) or real_load(*a, **k))
+              "--log_every=100"]
+    references = [train.main([*common, f"--seed={seed}", "--check_n=0", f"--out={tmp_path / str(seed)}"])[0]
+                  for seed in (5, 1005)[:len(script)]]
     monkeypatch.setattr(train, "warmstart_check", scripted_check)
     out = tmp_path / "warmstart"
-    model, log = train.main([*common, "--restarts=1", f"--out={out}"])
+    model, log = train.main([*common, "--seed=5", "--restarts=1", f"--out={out}"])
 
-    assert len(checked) == len(script) and len(log) == 4 * len(script) and seeds == [5, 1005][:len(script)]
+    assert len(checked) == len(script) and len(log) == 4 * len(script)
     assert [e["lr"] for e in log] == pytest.approx([4e-3, 4e-3, 2.2e-3, 4e-4] * len(script))
-    for key, value in reference.state_dict().items():   # the first schedule is the check-free run's
-        assert torch.equal(checked[0][key], value), key
-    final = model.state_dict()
-    assert all(torch.equal(final[k], checked[-1][k]) for k in final)
-    restarted = len(script) > 1
-    assert any(not torch.equal(final[k], reference.state_dict()[k]) for k in final) == restarted
+    for weights, reference in zip(checked, references):   # each schedule is the check-free run of its seed
+        for key, value in reference.state_dict().items():
+            assert torch.equal(weights[key], value), key
+    assert all(torch.equal(value, checked[-1][key]) for key, value in model.state_dict().items())
     config = json.load(open(out / "train_config.json"))
     assert config["steps_run"] == len(log) and config["restarts_run"] == len(script) - 1
+    assert config["seed"] == 5 and config["seed_run"] == 5 + 1000 * (len(script) - 1)
     assert config["check"] == answers[script[-1]]
     missed = "THE WARM START MISSED ITS THRESHOLDS" in capsys.readouterr().out
     assert missed == (script[-1] != "met") and bool(config["check_misses"]) == missed
