@@ -85,7 +85,8 @@ drill_frac = 0.1         # share of the examples that are an arithmetic drill (t
                          # of the one-digit facts that digit-level CoT is made of
 steps = 3600             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
 restarts = 1             # warm start of the tiny preset: one that ends its schedule below the check's thresholds
-                         # (below) is replaced by the warm start of seed + 1000, at most this many times
+                         # (below) is replaced by the warm start of seed + 1000, at most this many times; where
+                         # every one misses, the closest is kept
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)
@@ -591,6 +592,11 @@ def check_misses(accuracy, code_min, cot_min):
     return {key: a for key, a in accuracy.items() if a < (code_min if key.startswith("code:") else cot_min)}
 
 
+def shortfall(misses, code_min, cot_min):
+    """How far a warm start is below the check's thresholds, summed over the cells it missed (0 when it met them)."""
+    return sum((code_min if key.startswith("code:") else cot_min) - a for key, a in misses.items())
+
+
 def train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, log, memory, distributed, rank,
                    world_size, device, master):
     """One learning-rate schedule of total_steps optimizer steps on the examples, drawn in an order of `seed`;
@@ -655,10 +661,10 @@ def main(argv=None):
               f"response): a cut response would be trained on without its end")
     total_steps = step_count(args, examples, world_size)
     # EM can only learn to choose between methods the warm start can carry out, and the tiny model learns them at the
-    # edge of what it can: now and then (two seeds in ten) a warm start ends its schedule unable to copy an operand
-    # into a program, or with digit-level CoT unfinished, and neither training on at the last learning rate nor a
-    # new initialisation on the same data repaired one (docs/LOG.md). So the warm start of the tiny preset ends on a
-    # check on held-out problems, and one that misses it is replaced by the warm start of another seed.
+    # edge of what it can: often (a third of the trajectories measured) a warm start ends its schedule unable to copy
+    # an operand into a program, or with digit-level CoT unfinished, and neither training on at the last learning
+    # rate nor a new initialisation on the same data repaired one (docs/LOG.md). So the warm start of the tiny preset
+    # ends on a check on held-out problems, and one that misses it is replaced by the warm start of another seed.
     check = (warmstart_check(args, tokenizer)
              if args.check_n and args.init == "tiny" and not args.data and not distributed else None)
     if master:
@@ -666,7 +672,7 @@ def main(argv=None):
               f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
               + (f" (π_b of the records: {sampling})" if sampling else ""))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log, checked, misses = [], None, None
+    log, kept, checked, misses = [], None, None, None
     for attempt in range(1 + (args.restarts if check is not None else 0)):
         seed = args.seed + 1000 * attempt
         if attempt:   # another warm start altogether: its own data draw, initialisation, batch order and check
@@ -685,12 +691,17 @@ def main(argv=None):
         misses = check_misses(checked, args.code_min, args.cot_min)
         print(f"forced accuracy after {total_steps} steps: {checked}"
               + (f", below the thresholds: {misses}" if misses else ", every threshold met"))
+        # A restart can miss further than the warm start it replaced: the one that came closer is kept.
+        if kept is None or shortfall(misses, args.code_min, args.cot_min) < kept[0]:
+            kept = (shortfall(misses, args.code_min, args.cot_min), model, checked, misses, seed)
         if not misses:
             break
+    if kept is not None:
+        _, model, checked, misses, seed = kept
     if misses:
         print(f"THE WARM START MISSED ITS THRESHOLDS after {attempt + 1} schedules of {total_steps} steps (forced "
-              f"code {args.code_min:.0%}, forced CoT {args.cot_min:.0%}): {misses}. EM cannot be expected to meet "
-              f"the demo's bars from it")
+              f"code {args.code_min:.0%}, forced CoT {args.cot_min:.0%}); kept the closest, seed {seed}'s: {misses}. "
+              f"EM cannot be expected to meet the demo's bars from it")
 
     model = scale.gather_full_model(model) if args.fsdp else model  # every rank takes part; rank 0 gets it whole
     if master:
