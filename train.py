@@ -661,7 +661,7 @@ def main(argv=None):
               f"response): a cut response would be trained on without its end")
     total_steps = step_count(args, examples, world_size)
     # EM can only learn to choose between methods the warm start can carry out, and the tiny model learns them at the
-    # edge of what it can: often (a third of the trajectories measured) a warm start ends its schedule unable to copy
+    # edge of what it can: often (9 of the 20 trajectories measured) a warm start ends its schedule unable to copy
     # an operand into a program, or with digit-level CoT unfinished, and neither training on at the last learning
     # rate nor a new initialisation on the same data repaired one (docs/LOG.md). So the warm start of the tiny preset
     # ends on a check on held-out problems, and one that misses it is replaced by the warm start of another seed.
