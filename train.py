@@ -587,14 +587,19 @@ def warmstart_check(args, tokenizer):
     return forced_accuracy
 
 
+def threshold(key, code_min, cot_min):
+    """The threshold of a warm-start check's cell ("code:mul", "cot:add_sub", ...): its method's."""
+    return code_min if key.startswith("code:") else cot_min
+
+
 def check_misses(accuracy, code_min, cot_min):
     """The cells of a warm-start check below their method's threshold, as {"cot:add_sub": 0.85, ...}."""
-    return {key: a for key, a in accuracy.items() if a < (code_min if key.startswith("code:") else cot_min)}
+    return {key: a for key, a in accuracy.items() if a < threshold(key, code_min, cot_min)}
 
 
 def shortfall(misses, code_min, cot_min):
     """How far a warm start is below the check's thresholds, summed over the cells it missed (0 when it met them)."""
-    return sum((code_min if key.startswith("code:") else cot_min) - a for key, a in misses.items())
+    return sum(threshold(key, code_min, cot_min) - a for key, a in misses.items())
 
 
 def train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, log, memory, distributed, rank,
@@ -692,8 +697,9 @@ def main(argv=None):
         print(f"forced accuracy after {total_steps} steps: {checked}"
               + (f", below the thresholds: {misses}" if misses else ", every threshold met"))
         # A restart can miss further than the warm start it replaced: the one that came closer is kept.
-        if kept is None or shortfall(misses, args.code_min, args.cot_min) < kept[0]:
-            kept = (shortfall(misses, args.code_min, args.cot_min), model, checked, misses, seed)
+        short = shortfall(misses, args.code_min, args.cot_min)
+        if kept is None or short < kept[0]:
+            kept = (short, model, checked, misses, seed)
         if not misses:
             break
     if kept is not None:
