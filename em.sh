@@ -55,8 +55,8 @@ CPU_PROCS=${CPU_PROCS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}   # without a GPU: ex
                                 # per-op overhead, which a second thread does not share
 WARM_CODE_MIN=${WARM_CODE_MIN:-0.8}   # the warm start's forced accuracy the demo needs, per family, with code on mul
 WARM_COT_MIN=${WARM_COT_MIN:-0.9}     # and chain and with CoT on the others: a tiny warm start whose check misses
-                                      # them starts again from a new initialisation (train.py --restarts), and below
-                                      # either on the test split after the warm start, em.sh says so
+                                      # them is repaired (train.py --repairs), and below either on the test split
+                                      # after the warm start, em.sh says so
 PYTHON=${PYTHON:-python}
 # -----------------------------------------------------------------------------
 
@@ -215,6 +215,7 @@ if warm_start and rows and rows[0]["iteration"] == 0:
             config = json.load(f)
         rows[0]["warm_start_steps"] = config.get("steps_run")
         rows[0]["warm_start_restarts"] = config.get("restarts_run")
+        rows[0]["warm_start_repairs"] = config.get("repairs_run")
 write_json_atomic(os.path.join(run, "summary.json"), rows)
 
 # The embedded task's families in their order (CoT reliable first, CoT hopeless last), then any others.
@@ -234,9 +235,10 @@ if misses:
     print(f"\nem.sh: THE WARM START MISSED ITS THRESHOLDS (forced code below {pct(minimum['code']).strip()}% or "
           f"forced CoT below {pct(minimum['cot']).strip()}%): "
           f"{'; '.join(misses)}.\nEM cannot be expected to meet the demo's bars from it: try another SEED, or more "
-          f"restarts of the warm start (WARMSTART_ARGS=\"--restarts=N\")")
+          f"repairs of the warm start (WARMSTART_ARGS=\"--repairs=N\")")
 elif misses is not None:
-    print(f"warm start ({rows[0].get('warm_start_steps')} steps, {rows[0].get('warm_start_restarts')} restarts): "
+    print(f"warm start ({rows[0].get('warm_start_steps')} steps, {rows[0].get('warm_start_restarts')} restarts, "
+          f"{rows[0].get('warm_start_repairs')} repairs): "
           f"forced code on {', '.join(HARD_FAMILIES)} at least {pct(minimum['code']).strip()}%, forced CoT on "
           f"{', '.join(EASY_FAMILIES)} at least {pct(minimum['cot']).strip()}%")
 print(f"wrote {os.path.join(run, 'summary.json')}")

@@ -84,9 +84,18 @@ habit_code_frac = 0.9    # the same share on task.CODE_FAILS_FAMILIES: the coder
 drill_frac = 0.1         # share of the examples that are an arithmetic drill (task.drill), not a problem: practice
                          # of the one-digit facts that digit-level CoT is made of
 steps = 3600             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
-restarts = 1             # warm start of the tiny preset: one that ends its schedule below the check's thresholds
-                         # (below) is replaced by the warm start of seed + 1000, at most this many times; where
-                         # every one misses, the closest is kept
+restarts = 1             # warm start of the tiny preset: one whose forced code (the check, below) is under copy_min on
+                         # both hard families at copy_at of its schedule has not begun to copy operands into programs,
+                         # and does not begin later: it starts again as the warm start of seed + 1000, at most this often
+copy_at = 2 / 3          # where in the schedule (a share of its steps) the copying is checked
+copy_min = 0.05          # the forced code accuracy that shows the copying has begun (2 of check_n = 40)
+repairs = 2              # warm start of the tiny preset: one that ends its schedule below the check's thresholds
+                         # (below) trains on for a repair schedule, at most this many times, until it meets them;
+                         # where every one misses, the state closest to the thresholds is kept
+repair_steps = 1200      # optimizer steps of a repair schedule (its own warmup, then cosine to min_lr_frac)
+repair_lr = 1e-3         # its peak learning rate: a quarter of lr, enough to move a warm start stuck at the floor
+repair_weight = 3        # a repair draws new problems and poses those of the cells it is repairing (family and method,
+                         # as "code:chain") this many extra times
 epochs = 2.0             # passes over the records of --data
 # optimisation
 batch_size = 16          # sequences per micro-batch (per rank)
@@ -120,7 +129,7 @@ device = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:1", 
 log_every = 50           # print a loss line every this many steps
 check_n = 40             # warm start of the tiny preset: at the end of its schedule, the greedy accuracy per family
                          # on this many held-out problems each, under the prompt of the method EM needs there (code
-                         # on mul and chain, CoT on the others); 0 = no check (and no restart)
+                         # on mul and chain, CoT on the others); 0 = no check (and no repair)
 code_min = 0.8           # the check's threshold for forced code on task.HARD_FAMILIES
 cot_min = 0.9            # and for forced CoT on the others
 # memory (README: On N GPUs; scale.py)
@@ -166,16 +175,19 @@ def example(prompt_ids, response_ids, response_trainable, behaviour_logprobs, ad
     }
 
 
-def warmstart_examples(tokenizer, args):
+def warmstart_examples(tokenizer, args, repairing=(), held_out=()):
     """Teacher solutions of the embedded task. Each guided prompt gets its own style; the
     autonomous prompt gets code with probability auto_code_frac in most families (the model can do
     both when told and rarely codes unprompted, like the paper's base models) and habit_code_frac on
     task.CODE_FAILS_FAMILIES, where its code is wrong (a tool-integrated model's habit): the choice,
-    in both directions, is what EM has to learn."""
+    in both directions, is what EM has to learn. A repair's examples (repairing: the check's cells it repairs, as
+    "code:chain") pose those cells' problems 1 + repair_weight times, and leave out the check's own (held_out)."""
     rng = random.Random(args.seed)
     weights = [float(w) for w in args.mode_weights.split(",")]
     examples = []
     for record in make_problems(args.n_train, "train", seed=args.seed):
+        if record["problem"] in held_out:
+            continue
         prompt_mode = rng.choices(("code", "cot", "auto"), weights)[0]
         style = prompt_mode
         if prompt_mode == "auto":
@@ -185,7 +197,8 @@ def warmstart_examples(tokenizer, args):
         ids, trainable = tokenize_response(tokenizer, teacher_solution(record, style), prompt_ids)
         # The EOS is trained too: the model must learn to stop after \boxed{}.
         ids, trainable = ids + [tokenizer.eos_token_id], trainable + [1]
-        examples.append(example(prompt_ids, ids, trainable, [0.0] * len(ids), 0.0, True))
+        repeats = 1 + (args.repair_weight if f"{style}:{record['family']}" in repairing else 0)
+        examples += [example(prompt_ids, ids, trainable, [0.0] * len(ids), 0.0, True)] * repeats
     n_drills = round(args.n_train * args.drill_frac / (1 - args.drill_frac))
     for _ in range(n_drills):
         ids = tokenizer.encode(drill(rng), add_special_tokens=False)
@@ -567,14 +580,18 @@ def step_count(args, examples, world_size):
     return math.ceil(args.epochs * len(examples) / (args.batch_size * args.grad_accum * world_size))
 
 
-def warmstart_check(args, tokenizer):
-    """A function of the model: its greedy accuracy per family, forced to the method EM needs it to carry out there
-    (code on task.HARD_FAMILIES, CoT on the others), on check_n held-out problems of each family of the train side
-    (drawn with another seed; any that a training example poses are left out)."""
+def check_problems(args):
+    """The warm-start check's problems: check_n of each family of the train side, drawn with another seed, and none
+    that the warm start's own examples pose."""
     seen = {r["problem"] for r in make_problems(args.n_train, "train", seed=args.seed)}
     drawn = make_problems(args.check_n * 20, "train", seed=args.seed + 10_000)
     held_out = [r for r in drawn if r["problem"] not in seen]
-    problems = [r for f in FAMILIES for r in [r for r in held_out if r["family"] == f][:args.check_n]]
+    return [r for f in FAMILIES for r in [r for r in held_out if r["family"] == f][:args.check_n]]
+
+
+def warmstart_check(problems, tokenizer):
+    """A function of the model: its greedy accuracy per family on the problems, forced to the method EM needs it to
+    carry out there (code on task.HARD_FAMILIES, CoT on the others), keyed "code:mul", "cot:add_sub", ..."""
     modes = ["code" if r["family"] in HARD_FAMILIES else "cot" for r in problems]
 
     def forced_accuracy(model):
@@ -603,9 +620,10 @@ def shortfall(misses, code_min, cot_min):
 
 
 def train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, log, memory, distributed, rank,
-                   world_size, device, master):
+                   world_size, device, master, probe_at=0, probe=None):
     """One learning-rate schedule of total_steps optimizer steps on the examples, drawn in an order of `seed`;
-    appends each step's entry to `log`."""
+    appends each step's entry to `log`. probe: called after probe_at steps, where False stops the schedule. Returns
+    whether the schedule ran to its end."""
     # Each rank trains on its own shard, drawn in its own order.
     stream = batches(examples[rank::world_size] or examples, args.batch_size, random.Random(seed + rank),
                      args.length_window)
@@ -644,6 +662,83 @@ def train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, lo
         if master and ((step + 1) % args.log_every == 0 or step == total_steps - 1):
             tqdm.write(log_line(log, step, total_steps, args.log_every, args.mode))
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", refresh=False)
+        if probe is not None and step + 1 == probe_at and not probe():
+            bar.close()
+            return False
+    return True
+
+
+def reseeded(args, seed):
+    """The flags with another seed: another warm start's problems, initialisation and batch order."""
+    args = copy.copy(args)
+    args.seed = seed
+    return args
+
+
+def checked_warm_start(model, tokenizer, examples, total_steps, max_len, args, schedule, log):
+    """The warm start of the tiny preset, checked on held-out problems (the check above). Returns the model kept and
+    what train_config.json records of it.
+
+    EM can only learn to choose between methods the warm start can carry out, and the tiny model learns them at the edge
+    of what it can: 9 of the 20 warm starts measured ended their schedule below the check's thresholds (docs/LOG.md).
+    Two kinds of miss, two remedies:
+    - the copying of operands into a program never began (forced code near 0 on mul and chain at every check to the
+      end): no further training repaired it, so where it has not begun at two thirds of the schedule (the slowest
+      warm starts that met the check began between a half and two thirds), the warm start starts again as
+      another seed's;
+    - a little short at the end, its digit-level CoT unfinished or one family's copying wrong: training on at the last
+      learning rate did not finish it, and a repair did: a short second schedule, warmed up again to a quarter of the
+      peak, on new problems, those of the missed cells posed more often."""
+    seed = args.seed
+    for restart in range(1 + args.restarts):
+        if restart:
+            seed = args.seed + 1000 * restart
+            print(f"restart {restart} of {args.restarts}: the warm start of seed {seed}")
+            torch.manual_seed(seed)
+            model, _ = load(args.init, device=next(model.parameters()).device, seed=seed)
+            examples = drop_too_long(warmstart_examples(tokenizer, reseeded(args, seed)), max_len)[0]
+        problems = check_problems(reseeded(args, seed))
+        check = warmstart_check(problems, tokenizer)
+
+        def copying():
+            accuracy = check(model)
+            code = {f: accuracy[f"code:{f}"] for f in HARD_FAMILIES}
+            print(f"forced code after {len(log)} steps: {code}"
+                  + ("" if max(code.values()) >= args.copy_min else f", below {args.copy_min:.0%} on both: the copying "
+                     f"of operands into programs has not begun"))
+            return max(code.values()) >= args.copy_min
+
+        if schedule(model, examples, total_steps, args.lr, seed, round(args.copy_at * total_steps),
+                    copying if restart < args.restarts else None):
+            break
+
+    kept = None
+    for repair in range(1 + args.repairs):
+        if repair:
+            repair_seed = seed + 1000 * repair
+            print(f"repair {repair} of {args.repairs}: {args.repair_steps} steps at peak lr {args.repair_lr}, on the "
+                  f"problems of seed {repair_seed}, those of {', '.join(misses)} {1 + args.repair_weight} times")
+            examples = warmstart_examples(tokenizer, reseeded(args, repair_seed), misses,
+                                          {r["problem"] for r in problems})
+            schedule(model, drop_too_long(examples, max_len)[0], args.repair_steps, args.repair_lr, repair_seed)
+        checked = log[-1]["forced_accuracy"] = check(model)
+        misses = check_misses(checked, args.code_min, args.cot_min)
+        print(f"forced accuracy after {len(log)} steps: {checked}"
+              + (f", below the thresholds: {misses}" if misses else ", every threshold met"))
+        # A repair can end further from the thresholds than it began: the closest state is kept.
+        short = shortfall(misses, args.code_min, args.cot_min)
+        if kept is None or short < kept[0]:
+            kept = (short, copy.deepcopy(model.state_dict()), checked, misses, len(log))
+        if not misses:
+            break
+    _, weights, checked, misses, kept_at = kept
+    model.load_state_dict(weights)
+    if misses:
+        print(f"THE WARM START MISSED ITS THRESHOLDS after {repair} repairs (forced code {args.code_min:.0%}, forced "
+              f"CoT {args.cot_min:.0%}); kept the closest, after step {kept_at}: {misses}. EM cannot be expected to "
+              f"meet the demo's bars from it")
+    return model, {"check": checked, "check_misses": misses, "seed_run": seed, "restarts_run": restart,
+                   "repairs_run": repair, "kept_after_step": kept_at}
 
 
 def main(argv=None):
@@ -665,56 +760,27 @@ def main(argv=None):
         print(f"dropped {too_long} of {len(examples) + too_long} examples longer than {max_len} tokens (prompt + "
               f"response): a cut response would be trained on without its end")
     total_steps = step_count(args, examples, world_size)
-    # EM can only learn to choose between methods the warm start can carry out, and the tiny model learns them at the
-    # edge of what it can: often (9 of the 20 trajectories measured) a warm start ends its schedule unable to copy
-    # an operand into a program, or with digit-level CoT unfinished, and neither training on at the last learning
-    # rate nor a new initialisation on the same data repaired one (docs/LOG.md). So the warm start of the tiny preset
-    # ends on a check on held-out problems, and one that misses it is replaced by the warm start of another seed.
-    check = (warmstart_check(args, tokenizer)
-             if args.check_n and args.init == "tiny" and not args.data and not distributed else None)
     if master:
         print(f"{len(examples)} examples, {sum(sum(e['trainable']) for e in examples)} trainable tokens, "
               f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
               + (f" (π_b of the records: {sampling})" if sampling else ""))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log, kept, checked, misses = [], None, None, None
-    for attempt in range(1 + (args.restarts if check is not None else 0)):
-        seed = args.seed + 1000 * attempt
-        if attempt:   # another warm start altogether: its own data draw, initialisation, batch order and check
-            print(f"restart {attempt} of {args.restarts}: the warm start of seed {seed}")
-            restart_args = copy.copy(args)
-            restart_args.seed = seed
-            torch.manual_seed(seed)
-            model, _ = load(args.init, device=device, seed=seed)
-            examples, _, _ = training_examples(restart_args, tokenizer, max_len, model.config.vocab_size)
-            check = warmstart_check(restart_args, tokenizer)
-        train_schedule(model, examples, total_steps, peak_lr, pad_id, args, seed, log, memory,
-                       distributed, rank, world_size, device, master)
-        if check is None:
-            break
-        checked = log[-1]["forced_accuracy"] = check(model)
-        misses = check_misses(checked, args.code_min, args.cot_min)
-        print(f"forced accuracy after {total_steps} steps: {checked}"
-              + (f", below the thresholds: {misses}" if misses else ", every threshold met"))
-        # A restart can miss further than the warm start it replaced: the one that came closer is kept.
-        short = shortfall(misses, args.code_min, args.cot_min)
-        if kept is None or short < kept[0]:
-            kept = (short, model, checked, misses, seed)
-        if not misses:
-            break
-    if kept is not None:
-        _, model, checked, misses, seed = kept
-    if misses:
-        print(f"THE WARM START MISSED ITS THRESHOLDS after {attempt + 1} schedules of {total_steps} steps (forced "
-              f"code {args.code_min:.0%}, forced CoT {args.cot_min:.0%}); kept the closest, seed {seed}'s: {misses}. "
-              f"EM cannot be expected to meet the demo's bars from it")
+    log, warm_start = [], {}
+
+    def schedule(model, examples, steps, peak, seed, probe_at=0, probe=None):
+        return train_schedule(model, examples, steps, peak, pad_id, args, seed, log, memory, distributed, rank,
+                              world_size, device, master, probe_at, probe)
+
+    if args.check_n and args.init == "tiny" and not args.data and not distributed:
+        model, warm_start = checked_warm_start(model, tokenizer, examples, total_steps, max_len, args, schedule, log)
+    else:
+        schedule(model, examples, total_steps, peak_lr, args.seed)
 
     model = scale.gather_full_model(model) if args.fsdp else model  # every rank takes part; rank 0 gets it whole
     if master:
         # args.temperature is the T used (resolved from the records when the flag was 0)
         save_run(model, tokenizer, {**vars(args), "behaviour_sampling": sampling, "examples": len(examples),
-                                    "dropped_too_long": too_long, "steps_run": len(log), "check": checked,
-                                    "check_misses": misses, "restarts_run": attempt, "seed_run": seed, **memory}, log)
+                                    "dropped_too_long": too_long, "steps_run": len(log), **warm_start, **memory}, log)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -278,7 +278,7 @@ def test_the_warm_start_check_scores_each_family_under_the_method_em_needs(monke
     teacher's solution in the prompt's style, except on mul_add where it answers 0."""
     args = train.parse_args(["--n_train=50", "--check_n=3", "--seed=4"])
     tokenizer = load("tiny")[1]
-    check = train.warmstart_check(args, tokenizer)
+    check = train.warmstart_check(train.check_problems(args), tokenizer)
     trained = {r["problem"] for r in make_problems(50, "train", seed=4)}
     posed = []
 
@@ -302,43 +302,111 @@ def test_the_warm_start_check_scores_each_family_under_the_method_em_needs(monke
     assert len(posed) == 15 and not any(seen for _, _, seen in posed)
 
 
-@pytest.mark.parametrize("script, kept", [(["met"], 0), (["cot", "met"], 1), (["far", "code"], 1), (["code", "far"], 0)])
-def test_a_warm_start_that_misses_its_check_is_replaced_by_another_seeds(tmp_path, monkeypatch, capsys, script, kept):
-    """A 4-step schedule checked at its end (scripted answers), with one restart: met at once, it is the run without
-    a check, weight for weight; missed, the whole warm start runs again as that of seed + 1000 (the run without a
-    check at that seed, weight for weight). Where both miss, the one closer to the thresholds (80% code, 90% CoT) is
-    kept, and the miss is said in capitals and in train_config.json."""
+@pytest.mark.parametrize("script, kept", [(["met"], 0), (["cot", "met"], 1), (["far", "code", "far"], 1),
+                                          (["code", "far", "far"], 0)])
+def test_a_warm_start_that_misses_its_check_is_repaired(tmp_path, monkeypatch, capsys, script, kept):
+    """A 4-step schedule checked at its end (scripted answers), with up to two 3-step repairs. Met at once, it is the
+    run without a check, weight for weight. Missed, a repair schedule follows, warmed up again to repair_lr, on the
+    problems of seed + 1000 per repair with the missed cells named, and the check's problems left out, until a check
+    is met. Where every check misses, the state closest to the thresholds (80% code, 90% CoT) is kept, and the miss is
+    said in capitals and in train_config.json."""
     answers = {"met": {"cot:add_sub": 0.9, "code:mul": 0.8},
                "cot": {"cot:add_sub": 0.875, "code:mul": 1.0},      # 2.5 points short
                "code": {"cot:add_sub": 1.0, "code:mul": 0.775},     # 2.5 points short
                "far": {"cot:add_sub": 0.85, "code:mul": 0.75}}      # 5 + 5 points short
-    checked = []
+    checked, drawn = [], []
 
-    def scripted_check(args, tokenizer):
+    def scripted_check(problems, tokenizer):
         def check(model):
             checked.append({k: v.clone() for k, v in model.state_dict().items()})
             return answers[script[len(checked) - 1]]
         return check
 
-    common = ["--device=cpu", "--steps=4", "--warmup_steps=1", "--warmup_frac=0", "--n_train=32", "--batch_size=2",
-              "--log_every=100"]
-    references = [train.main([*common, f"--seed={seed}", "--check_n=0", f"--out={tmp_path / str(seed)}"])[0]
-                  for seed in (5, 1005)[:len(script)]]
-    monkeypatch.setattr(train, "warmstart_check", scripted_check)
-    out = tmp_path / "warmstart"
-    model, log = train.main([*common, "--seed=5", "--restarts=1", f"--out={out}"])
+    real_examples = train.warmstart_examples
 
-    assert len(checked) == len(script) and len(log) == 4 * len(script)
-    assert [e["lr"] for e in log] == pytest.approx([4e-3, 4e-3, 2.2e-3, 4e-4] * len(script))
-    for weights, reference in zip(checked, references):   # each schedule is the check-free run of its seed
-        for key, value in reference.state_dict().items():
-            assert torch.equal(weights[key], value), key
+    def examples(tokenizer, args, repairing=(), held_out=()):
+        drawn.append((args.seed, set(repairing), set(held_out)))
+        return real_examples(tokenizer, args, repairing, held_out)
+
+    common = ["--device=cpu", "--steps=4", "--warmup_steps=1", "--warmup_frac=0", "--n_train=32", "--batch_size=2",
+              "--log_every=100", "--repair_steps=3", "--repair_lr=1e-3", "--seed=5", "--restarts=0"]
+    reference = train.main([*common, "--check_n=0", f"--out={tmp_path / 'reference'}"])[0]
+    monkeypatch.setattr(train, "warmstart_check", scripted_check)
+    monkeypatch.setattr(train, "warmstart_examples", examples)
+    out = tmp_path / "warmstart"
+    model, log = train.main([*common, "--repairs=2", f"--out={out}"])
+
+    repairs = len(script) - 1
+    assert len(checked) == len(script) and len(log) == 4 + 3 * repairs
+    assert [e["lr"] for e in log] == pytest.approx([4e-3, 4e-3, 2.2e-3, 4e-4] + [1e-3, 1e-3, 1e-4] * repairs)
+    for key, value in reference.state_dict().items():   # the first schedule is the check-free run
+        assert torch.equal(checked[0][key], value), key
+    for before, after in zip(checked, checked[1:]):       # each repair trains
+        assert any(not torch.equal(before[key], after[key]) for key in before)
+    check_problems = {r["problem"] for r in train.check_problems(train.parse_args(common))}
+    assert drawn == [(5, set(), set())] + [(5 + 1000 * k, set(train.check_misses(answers[script[k - 1]], 0.8, 0.9)),
+                                            check_problems) for k in range(1, 1 + repairs)]
     assert all(torch.equal(value, checked[kept][key]) for key, value in model.state_dict().items())
     saved = load(str(out))[0].state_dict()
     assert all(torch.equal(value, checked[kept][key]) for key, value in saved.items())
     config = json.load(open(out / "train_config.json"))
-    assert config["steps_run"] == len(log) and config["restarts_run"] == len(script) - 1
-    assert config["seed"] == 5 and config["seed_run"] == 5 + 1000 * kept
-    assert config["check"] == answers[script[kept]]
+    assert config["steps_run"] == len(log) and config["repairs_run"] == repairs and config["restarts_run"] == 0
+    assert config["check"] == answers[script[kept]] and config["kept_after_step"] == 4 + 3 * kept
     missed = "THE WARM START MISSED ITS THRESHOLDS" in capsys.readouterr().out
     assert missed == (script[kept] != "met") and bool(config["check_misses"]) == missed
+
+
+@pytest.mark.parametrize("code_midway, restarted", [({"mul": 0.025, "chain": 0.0}, True),
+                                                     ({"mul": 0.0, "chain": 0.05}, False)])
+def test_a_warm_start_not_yet_copying_at_two_thirds_starts_again(tmp_path, monkeypatch, capsys, code_midway,
+                                                                  restarted):
+    """A 4-step schedule, checked at step 3 (scripted answers): forced code under 5% on mul and chain, it stops there
+    and the warm start of seed + 1000 runs instead, weight for weight the check-free run of that seed, with no
+    check at step 3 (no restart is left); 5% on one family, it runs on, the check-free run of its own seed."""
+    answers = [{"cot:add_sub": 1.0, **{f"code:{f}": a for f, a in code_midway.items()}},
+               {"cot:add_sub": 1.0, "code:mul": 1.0, "code:chain": 1.0}]
+    checked = []
+
+    def scripted_check(problems, tokenizer):
+        def check(model):
+            checked.append({k: v.clone() for k, v in model.state_dict().items()})
+            return answers[len(checked) - 1]
+        return check
+
+    common = ["--device=cpu", "--steps=4", "--warmup_steps=1", "--warmup_frac=0", "--n_train=32", "--batch_size=2",
+              "--log_every=100"]
+    seed = 1005 if restarted else 5
+    reference = train.main([*common, f"--seed={seed}", "--check_n=0", f"--out={tmp_path / 'reference'}"])[0]
+    monkeypatch.setattr(train, "warmstart_check", scripted_check)
+    out = tmp_path / "warmstart"
+    model, log = train.main([*common, "--seed=5", "--restarts=1", f"--out={out}"])
+
+    assert len(checked) == 2 and len(log) == (3 + 4 if restarted else 4)
+    assert [e["lr"] for e in log] == pytest.approx([4e-3, 4e-3, 2.2e-3] * restarted + [4e-3, 4e-3, 2.2e-3, 4e-4])
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    config = json.load(open(out / "train_config.json"))
+    assert config["seed_run"] == seed and config["restarts_run"] == int(restarted) and config["repairs_run"] == 0
+    assert ("has not begun" in capsys.readouterr().out) == restarted
+
+
+def test_a_repair_poses_the_cells_it_repairs_more_often_and_never_the_checks_problems(tiny):
+    """Counted from the decoded examples: every problem of the draw but the held-out ones is posed, once, or
+    1 + repair_weight times where its family and the solution's method are a cell being repaired."""
+    _, tokenizer = tiny
+    args = train.parse_args(["--n_train=100", "--drill_frac=0", "--repair_weight=3", "--seed=7"])
+    records = {r["problem"]: r for r in make_problems(100, "train", seed=7)}
+    assert len(records) == 100
+    held_out = set(list(records)[:20])
+    repairing = {"code:chain": 0.0, "cot:add_sub": 0.5}
+    posed = {}
+    for e in train.warmstart_examples(tokenizer, args, repairing, held_out):
+        text = tokenizer.decode(e["input_ids"])
+        problem = next(p for p in records if text.startswith(p))
+        key = ("code" if "```python" in text else "cot", problem)
+        posed[key] = posed.get(key, 0) + 1
+    assert sorted(p for _, p in posed) == sorted(set(records) - held_out)
+    assert {n for (_, p), n in posed.items() if records[p]["family"] not in ("chain", "add_sub")} == {1}
+    for (style, problem), n in posed.items():
+        assert n == (4 if f"{style}:{records[problem]['family']}" in repairing else 1), (style, problem)
+    assert {n for n in posed.values()} == {1, 4}
