@@ -703,7 +703,7 @@ def checked_warm_start(model, tokenizer, examples, total_steps, max_len, args, s
         def copying():
             accuracy = check(model)
             code = {f: accuracy[f"code:{f}"] for f in HARD_FAMILIES}
-            print(f"forced code after {len(log)} steps: {code}"
+            tqdm.write(f"forced code after {len(log)} steps: {code}"
                   + ("" if max(code.values()) >= args.copy_min else f", below {args.copy_min:.0%} on both: the copying "
                      f"of operands into programs has not begun"))
             return max(code.values()) >= args.copy_min
