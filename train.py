@@ -86,7 +86,7 @@ drill_frac = 0.1         # share of the examples that are an arithmetic drill (t
 steps = 3600             # optimizer steps of the learning-rate schedule (with --data, `epochs` sets the length instead)
 restarts = 1             # warm start of the tiny preset: one whose forced code (the check, below) is under copy_min on
                          # both hard families at copy_at of its schedule has not begun to copy operands into programs,
-                         # and does not begin later: it starts again as the warm start of seed + 1000, at most this often
+                         # and does not begin later: it starts again as seed + 1000's warm start, at most this often
 copy_at = 2 / 3          # where in the schedule (a share of its steps) the copying is checked
 copy_min = 0.05          # the forced code accuracy that shows the copying has begun (2 of check_n = 40)
 repairs = 2              # warm start of the tiny preset: one that ends its schedule below the check's thresholds
@@ -684,8 +684,7 @@ def checked_warm_start(model, tokenizer, examples, total_steps, max_len, args, s
     Two kinds of miss, two remedies:
     - the copying of operands into a program never began (forced code near 0 on mul and chain at every check to the
       end): no further training repaired it, so where it has not begun at two thirds of the schedule (the slowest
-      warm starts that met the check began between a half and two thirds), the warm start starts again as
-      another seed's;
+      of the others measured began between a half and two thirds), the warm start starts again as another seed's;
     - a little short at the end, its digit-level CoT unfinished or one family's copying wrong: training on at the last
       learning rate did not finish it, and a repair did: a short second schedule, warmed up again to a quarter of the
       peak, on new problems, those of the missed cells posed more often."""
@@ -703,10 +702,10 @@ def checked_warm_start(model, tokenizer, examples, total_steps, max_len, args, s
         def copying():
             accuracy = check(model)
             code = {f: accuracy[f"code:{f}"] for f in HARD_FAMILIES}
-            tqdm.write(f"forced code after {len(log)} steps: {code}"
-                  + ("" if max(code.values()) >= args.copy_min else f", below {args.copy_min:.0%} on both: the copying "
-                     f"of operands into programs has not begun"))
-            return max(code.values()) >= args.copy_min
+            begun = max(code.values()) >= args.copy_min
+            tqdm.write(f"forced code after {len(log)} steps: {code}" + ("" if begun else f", below "
+                       f"{args.copy_min:.0%} on both: the copying of operands into programs has not begun"))
+            return begun
 
         if schedule(model, examples, total_steps, args.lr, seed, round(args.copy_at * total_steps),
                     copying if restart < args.restarts else None):
