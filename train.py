@@ -764,7 +764,8 @@ def main(argv=None):
               f"{total_steps} steps on {world_size} x {device}, peak lr {peak_lr}, π_θ at T={args.temperature}"
               + (f" (π_b of the records: {sampling})" if sampling else ""))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log, warm_start = [], {}
+    log = []
+    warm_start = {"check": None, "check_misses": None, "seed_run": args.seed, "restarts_run": 0, "repairs_run": 0}
 
     def schedule(model, examples, steps, peak, seed, probe_at=0, probe=None):
         return train_schedule(model, examples, steps, peak, pad_id, args, seed, log, memory, distributed, rank,
